@@ -1,0 +1,1 @@
+"""CDSL: constrained decoding with speculative lookaheads."""

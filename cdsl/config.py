@@ -1,0 +1,104 @@
+"""Typed, validated configuration: one class per concern, a docstring per field.
+
+Invalid values raise `pydantic.ValidationError`, whose message names the field and the limit
+(for example "k: Input should be greater than or equal to 1").
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+"""The project's own tiny CommonGen pair (see cdsl/bundled/README.md)."""
+
+Method = Literal["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]
+METHODS: tuple[str, ...] = ("greedy", "sd", "cdlh", "cdlh-appx", "cdsl")
+
+
+class State(str, Enum):
+    """The four CDSL states, from the acceptance score a and the reward r of a draft."""
+
+    S1 = "S1"  # a >= tau_a and r >= tau_r: accept
+    S2 = "S2"  # a >= tau_a and r <  tau_r: off-constraint
+    S3 = "S3"  # a <  tau_a and r >= tau_r: off-target
+    S4 = "S4"  # a <  tau_a and r <  tau_r: both fail
+
+
+class Action(str, Enum):
+    """What a CDSL round does in a given state."""
+
+    accept_draft = "accept_draft"
+    """Append the whole draft (plus the target's bonus token when all of it was verified)."""
+    verified_prefix = "verified_prefix"
+    """Append the verified prefix plus the target's correction token (speculative decoding)."""
+    cdlh_appx = "cdlh_appx"
+    """One CDLH step: target candidates, draft lookaheads."""
+    cdlh = "cdlh"
+    """One full CDLH step: target candidates, target lookaheads."""
+
+
+DEFAULT_POLICY: dict[State, Action] = {
+    State.S1: Action.accept_draft,
+    State.S2: Action.cdlh_appx,
+    State.S3: Action.verified_prefix,
+    State.S4: Action.cdlh,
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Strict):
+    """Where a causal LM comes from and how it runs."""
+
+    path: str = str(BUNDLED / "target")
+    """Local folder or Hugging Face hub id, passed to `from_pretrained`."""
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    """Weights and activations dtype."""
+    device: str = "cpu"
+    """torch device string, e.g. "cpu" or "cuda:0"."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub; off unless you trust the source."""
+
+
+class DecodeConfig(_Strict):
+    """How one generation is decoded. Defaults are the project's recommended settings."""
+
+    method: Method = "cdsl"
+    """One of greedy, sd, cdlh, cdlh-appx, cdsl."""
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+    """Most tokens generated after the prompt (EOS ends generation earlier)."""
+    k: int = Field(5, ge=1, le=64)
+    """Candidates per CDLH step (top-k of the target's next-token distribution)."""
+    lookahead: int = Field(4, ge=1, le=64)
+    """L: tokens rolled out after each CDLH candidate."""
+    draft_len: int = Field(4, ge=1, le=64)
+    """d: tokens the draft model proposes per CDSL / SD round."""
+    tau_accept: float = Field(0.5, ge=0.0, le=1.0)
+    """tau_a: a draft whose acceptance n/d reaches this counts as on-target."""
+    tau_reward: float = Field(0.5, ge=0.0, le=1.0)
+    """tau_r: a draft whose reward reaches this counts as satisfying the constraint."""
+    reward_weight: float = Field(5.0, ge=0.0)
+    """lambda in score = log p(c) + lambda * R, for CDLH candidates."""
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    """0 for greedy rollouts and choices; above 0 samples (speculative sampling for sd/cdsl)."""
+    seed: int = 0
+    """Seed of the sampling generator (unused when temperature is 0)."""
+    policy: dict[State, Action] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
+    """CDSL state -> action table; states left out keep the default action."""
+
+    @model_validator(mode="after")
+    def _complete_policy(self) -> DecodeConfig:
+        missing = {s: a for s, a in DEFAULT_POLICY.items() if s not in self.policy}
+        if missing:
+            self.policy = {**missing, **self.policy}
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,34 @@
+"""The library's front door: `generate(prompt, target, draft, reward, config)`."""
+
+from __future__ import annotations
+
+import time
+
+from cdsl.config import DecodeConfig, ModelConfig
+from cdsl.methods import METHODS, NEEDS_DRAFT, NEEDS_REWARD, Context, Generation
+from cdsl.models import LM, check_same_vocab
+from cdsl.rewards import Reward
+
+
+def load_pair(target: ModelConfig | str, draft: ModelConfig | str | None) -> tuple[LM, LM | None]:
+    """Load the target and (optionally) the draft, refusing a pair that does not share a vocabulary."""
+    target_lm = LM.load(target)
+    draft_lm = LM.load(draft) if draft is not None else None
+    if draft_lm is not None:
+        check_same_vocab(draft_lm, target_lm)
+    return target_lm, draft_lm
+
+
+def generate(prompt: str, target: LM, draft: LM | None = None, reward: Reward | None = None,
+             config: DecodeConfig | None = None) -> Generation:
+    """Continue `prompt` with `config.method`; the result carries the text and its stats."""
+    config = config or DecodeConfig()
+    if config.method in NEEDS_DRAFT and draft is None:
+        raise ValueError(f"method {config.method!r} needs a draft model")
+    if config.method in NEEDS_REWARD and reward is None:
+        raise ValueError(f"method {config.method!r} needs a reward (e.g. concepts to cover)")
+    ctx = Context(prompt, target, draft, reward, config)
+    start = time.perf_counter()
+    METHODS[config.method](ctx)
+    ctx.stats.time_total = time.perf_counter() - start
+    return ctx.result()

@@ -1,0 +1,98 @@
+"""What every decoding method shares: the two decoders, the output so far, the reward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cdsl.config import DecodeConfig
+from cdsl.models import LM, Decoder
+from cdsl.rewards import Reward, RewardInput
+from cdsl.sampling import Picker
+from cdsl.stats import Stats
+
+
+@dataclass
+class Generation:
+    """The result of one generation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    """"eos" when the model ended the text, "length" when max_new_tokens did."""
+    stats: Stats = field(default_factory=Stats)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+
+
+class Context:
+    """One generation in flight. `out` is the emitted text's token ids; each decoder's `ids`
+    is prompt + out (+ speculative tokens inside a round)."""
+
+    def __init__(self, prompt: str, target: LM, draft: LM | None, reward: Reward | None,
+                 config: DecodeConfig) -> None:
+        self.prompt, self.config, self.reward = prompt, config, reward
+        self.stats = Stats()
+        self.pick = Picker(config.temperature, config.seed)
+        self.lm = target
+        ids = target.encode(prompt) or [target.eos_id]
+        self.target = Decoder(target, ids, self.stats, "target")
+        self.draft = Decoder(draft, ids, self.stats, "draft") if draft is not None else None
+        self.n_prompt = len(ids)
+        self.eos = target.eos_id
+        self.out: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def base(self) -> int:
+        """Length of prompt + emitted tokens: where the next round starts."""
+        return self.n_prompt + len(self.out)
+
+    @property
+    def budget(self) -> int:
+        return self.config.max_new_tokens - len(self.out)
+
+    def emit(self, tokens: list[int]) -> None:
+        """Append tokens to the output, stopping at EOS or the token budget."""
+        for tok in tokens:
+            if tok == self.eos:
+                self.finish_reason = "eos"
+                return
+            self.out.append(tok)
+            self.stats.tokens += 1
+            if self.budget <= 0:
+                self.finish_reason = "length"
+                return
+
+    def cut(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """Tokens up to (not including) EOS, and whether the text ends with them."""
+        if self.eos in tokens:
+            return tokens[: tokens.index(self.eos)], True
+        return tokens, len(tokens) >= self.budget
+
+    def reward_inputs(self, continuations: list[list[int]]) -> list[RewardInput]:
+        prefix = self.lm.decode(self.out)
+        items = []
+        for cont in continuations:
+            kept, final = self.cut(cont)
+            full = self.lm.decode(self.out + kept)
+            items.append(RewardInput(self.prompt, prefix, full[len(prefix):], final,
+                                     max(0, self.budget - len(kept))))
+        return items
+
+    def rewards(self, continuations: list[list[int]], progress: bool = False) -> torch.Tensor:
+        """Score continuations of the current output (`progress` for the CDSL gate)."""
+        with self.stats.timed("reward"):
+            items = self.reward_inputs(continuations)
+            scores = self.reward.progress(items) if progress else self.reward.score(items)
+        self.stats.reward_calls += len(items)
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def result(self) -> Generation:
+        return Generation(self.lm.decode(self.out), list(self.out), self.finish_reason or "length", self.stats)

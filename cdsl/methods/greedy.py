@@ -1,0 +1,12 @@
+"""`greedy`: one target call per token."""
+
+from __future__ import annotations
+
+from cdsl.methods.context import Context
+
+
+def greedy(ctx: Context) -> None:
+    while not ctx.finished:
+        tok = ctx.pick.one(ctx.target.next_logits())
+        ctx.target.ids.append(tok)  # pending: fed by the next call
+        ctx.emit([tok])

@@ -1,0 +1,79 @@
+"""`sd`: plain speculative decoding, and the draft/verify halves CDSL reuses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cdsl.methods.context import Context
+
+
+@dataclass
+class Verified:
+    """One drafted and verified lookahead, relative to the round's start `base`."""
+
+    tokens: list[int]
+    draft_logits: torch.Tensor
+    """[len(tokens), V] the draft's logits that produced each token."""
+    target_logits: torch.Tensor
+    """[len(tokens) + 1, V] the target's logits at every draft position and the bonus one."""
+    accepted: int
+    next_token: int
+    """The target's token after the accepted prefix (correction, or bonus when all passed)."""
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / len(self.tokens)
+
+
+def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
+    """The draft rolls out up to d tokens (stopping at EOS); one draft call per token."""
+    tokens, logits = [], []
+    row = ctx.draft.next_logits()
+    while True:
+        tok = ctx.pick.one(row)
+        tokens.append(tok)
+        logits.append(row)
+        if tok == ctx.eos or len(tokens) == d:
+            break
+        row = ctx.draft.step([tok])[-1]
+    ctx.draft.ids.append(tokens[-1])  # pending, like every emitted token
+    return tokens, torch.stack(logits)
+
+
+def draft_and_verify(ctx: Context, d: int) -> Verified:
+    """Draft d tokens, then one target call scores all of them."""
+    tokens, draft_logits = draft(ctx, d)
+    ctx.stats.drafted += len(tokens)
+    target_logits = ctx.target.step(tokens)[-(len(tokens) + 1):]
+    n, nxt = ctx.pick.verify(tokens, draft_logits, target_logits)
+    ctx.stats.accepted += n
+    return Verified(tokens, draft_logits, target_logits, n, nxt)
+
+
+def commit_prefix(ctx: Context, v: Verified) -> None:
+    """Keep the verified prefix plus the target's own next token (speculative decoding)."""
+    keep = ctx.base + v.accepted
+    ctx.target.truncate(keep, v.target_logits[v.accepted])
+    full = v.accepted == len(v.tokens)
+    ctx.draft.truncate(keep, None if full else v.draft_logits[v.accepted])
+    ctx.target.ids.append(v.next_token)
+    ctx.draft.ids.append(v.next_token)
+    ctx.emit(v.tokens[: v.accepted] + [v.next_token])
+
+
+def commit_all(ctx: Context, v: Verified) -> None:
+    """Keep the whole draft, verified or not, plus the bonus token when all of it passed."""
+    tokens = list(v.tokens)
+    if v.accepted == len(v.tokens):
+        tokens.append(v.next_token)
+        ctx.target.ids.append(v.next_token)
+        ctx.draft.ids.append(v.next_token)
+    ctx.emit(tokens)
+
+
+def sd(ctx: Context) -> None:
+    while not ctx.finished:
+        ctx.stats.rounds += 1
+        commit_prefix(ctx, draft_and_verify(ctx, min(ctx.config.draft_len, ctx.budget)))

@@ -1,0 +1,64 @@
+"""Counters and timers for one generation, as the spec lists them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    """What one generation cost. Calls are forward passes (a batched call counts once)."""
+
+    target_calls: int = 0
+    draft_calls: int = 0
+    reward_calls: int = 0
+    """Texts scored by the reward (a batch of k candidates counts k)."""
+    tokens: int = 0
+    """Tokens emitted (after the prompt, EOS excluded)."""
+    drafted: int = 0
+    """Draft tokens proposed in SD / CDSL rounds."""
+    accepted: int = 0
+    """Draft tokens the target verified."""
+    rounds: int = 0
+    states: dict[str, int] = field(default_factory=lambda: {"S1": 0, "S2": 0, "S3": 0, "S4": 0})
+    state_trace: list[str] = field(default_factory=list)
+    """The state of every CDSL round, in order."""
+    time_draft: float = 0.0
+    time_target: float = 0.0
+    time_reward: float = 0.0
+    time_total: float = 0.0
+
+    @property
+    def time_other(self) -> float:
+        return max(0.0, self.time_total - self.time_draft - self.time_target - self.time_reward)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def target_calls_per_token(self) -> float:
+        return self.target_calls / self.tokens if self.tokens else 0.0
+
+    @contextmanager
+    def timed(self, bucket: str) -> Iterator[None]:
+        """Add the block's wall time to `time_<bucket>`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            name = f"time_{bucket}"
+            setattr(self, name, getattr(self, name) + time.perf_counter() - start)
+
+    def record_state(self, state: str) -> None:
+        self.states[state] += 1
+        self.state_trace.append(state)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(time_other=self.time_other, acceptance=self.acceptance,
+                 target_calls_per_token=self.target_calls_per_token)
+        return d
