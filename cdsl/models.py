@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -40,6 +41,9 @@ class LM:
     def load(cls, config: ModelConfig | str) -> LM:
         """Load from a local folder or a hub id (`from_pretrained` for model and tokenizer)."""
         cfg = config if isinstance(config, ModelConfig) else ModelConfig(path=config)
+        local = Path(cfg.path).expanduser()
+        if not local.exists() and (cfg.path.startswith(("/", ".", "~")) or cfg.path.count("/") > 1):
+            raise FileNotFoundError(f"model folder not found: {cfg.path} (give a local folder or a hub id)")
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code

@@ -1,0 +1,42 @@
+import json
+
+from typer.testing import CliRunner
+
+from cdsl.cli import app
+
+runner = CliRunner()
+
+
+def invoke(model_dirs, *args):
+    base = ["generate", "--target", str(model_dirs["llama-target"]), "--draft", str(model_dirs["llama-draft"])]
+    return runner.invoke(app, base + list(args))
+
+
+def test_generate_json(model_dirs):
+    res = invoke(model_dirs, "--concepts", "dog,frisbee,catch,throw", "--method", "cdsl", "--json",
+                 "--max-new-tokens", "12", "--k", "3", "--lookahead", "2", "--draft-len", "3")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert isinstance(out["text"], str)
+    stats = out["stats"]
+    assert stats["tokens"] > 0 and stats["target_calls"] > 0 and sum(stats["states"].values()) == stats["rounds"]
+    assert 0.0 <= out["reward"] <= 1.0
+
+
+def test_generate_plain_text_with_every_method(model_dirs):
+    for method in ("greedy", "sd", "cdlh", "cdlh-appx", "cdsl"):
+        res = invoke(model_dirs, "--concepts", "dog,cat", "--method", method, "--max-new-tokens", "6")
+        assert res.exit_code == 0, (method, res.output)
+
+
+def test_bad_options_name_the_field(model_dirs):
+    res = invoke(model_dirs, "--concepts", "dog", "--k", "0")
+    assert res.exit_code == 2 and "k:" in res.output and "greater than or equal to 1" in res.output
+    res = invoke(model_dirs, "--concepts", "dog", "--method", "beam")
+    assert res.exit_code == 2 and "method" in res.output
+    res = invoke(model_dirs, "--concepts", "dog", "--tau-reward", "1.5")
+    assert res.exit_code == 2 and "tau_reward" in res.output
+    res = invoke(model_dirs, "--method", "cdsl", "--prompt", "hello")
+    assert res.exit_code == 2 and "needs a constraint" in res.output
+    res = runner.invoke(app, ["generate", "--concepts", "dog", "--target", "/no/such/model"])
+    assert res.exit_code == 2 and "model folder not found" in res.output

@@ -1,0 +1,97 @@
+"""Forward-call counts follow each method's cost formula; CDSL with draft == target."""
+
+import pytest
+
+from cdsl.config import DecodeConfig
+from cdsl.generate import generate
+from cdsl.rewards import Coverage
+
+PROMPT = "Concepts: dog, frisbee, catch, throw\nSentence:"
+REWARD = Coverage(["dog", "frisbee", "catch", "throw"])
+
+
+def run(target, draft, method, **cfg):
+    return generate(PROMPT, target, draft, REWARD, DecodeConfig(method=method, max_new_tokens=20, **cfg))
+
+
+def steps(out) -> int:
+    """Tokens chosen, counting a final EOS (chosen but not emitted)."""
+    return out.stats.tokens + (out.finish_reason == "eos")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_one_target_call_per_token(pairs, family):
+    out = run(*pairs[family], "greedy")
+    assert out.stats.target_calls == steps(out)
+    assert out.stats.draft_calls == out.stats.reward_calls == 0
+
+
+@pytest.mark.parametrize("k,L", [(1, 1), (3, 2), (5, 4)])
+def test_cdlh_costs(pairs, k, L):
+    """1 prefill + L batched rollout calls per token (the winner's cache is reused), k scores."""
+    out = run(*pairs["llama"], "cdlh", k=k, lookahead=L)
+    assert out.stats.target_calls == 1 + steps(out) * L
+    assert out.stats.reward_calls == steps(out) * k
+    assert out.stats.draft_calls == 0
+
+
+def test_cdlh_appx_costs(pairs):
+    out = run(*pairs["llama"], "cdlh-appx", k=4, lookahead=3)
+    assert out.stats.target_calls == steps(out)
+    assert out.stats.draft_calls == 1 + steps(out) * 3  # the draft prefill, then L per token
+    assert out.stats.reward_calls == steps(out) * 4
+
+
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_sd_costs(pairs, d):
+    """One target call per round, one draft call per drafted token, n + 1 tokens per round."""
+    out = run(*pairs["llama"], "sd", draft_len=d)
+    s = out.stats
+    assert s.target_calls == s.rounds
+    assert s.draft_calls == s.drafted
+    assert s.drafted <= s.rounds * d
+    # every round emits its accepted tokens plus one target token, bar the budget/EOS cut at the end
+    assert steps(out) <= s.accepted + s.rounds
+    assert steps(out) >= s.accepted + s.rounds - d
+
+
+def test_cdsl_identical_draft_always_accepts(pairs):
+    target, _ = pairs["llama"]
+    out = run(target, target, "cdsl", draft_len=4)
+    assert out.stats.accepted == out.stats.drafted
+    assert set(out.stats.state_trace) <= {"S1", "S2"}
+    assert len(out.stats.state_trace) == out.stats.rounds > 0
+
+
+def test_cdsl_identical_draft_never_runs_cdlh_and_gets_cheaper_with_d(pairs):
+    target, _ = pairs["llama"]
+    per_token = []
+    for d in (1, 2, 4, 8):
+        out = run(target, target, "cdsl", draft_len=d, tau_reward=0.0)
+        assert set(out.stats.state_trace) == {"S1"}
+        assert out.stats.reward_calls == out.stats.rounds  # one gate score per round, no CDLH scoring
+        per_token.append(out.stats.target_calls_per_token)
+    assert per_token == sorted(per_token, reverse=True) and per_token[0] > per_token[-1]
+
+
+def test_stats_time_split(pairs):
+    out = run(*pairs["llama"], "cdsl")
+    s = out.stats
+    assert s.time_total > 0 and s.time_target > 0 and s.time_draft > 0 and s.time_reward > 0
+    assert abs(s.time_draft + s.time_target + s.time_reward + s.time_other - s.time_total) < 1e-6
+    d = s.to_dict()
+    for key in ("target_calls", "draft_calls", "reward_calls", "tokens", "drafted", "accepted", "states",
+                "time_draft", "time_target", "time_reward", "time_other"):
+        assert key in d
+
+
+def test_sampling_is_seeded(pairs):
+    target, draft = pairs["qwen2"]
+    a = run(target, draft, "cdsl", temperature=1.0, seed=3)
+    b = run(target, draft, "cdsl", temperature=1.0, seed=3)
+    c = run(target, draft, "sd", temperature=1.0, seed=4)
+    assert a.token_ids == b.token_ids
+    assert c.stats.tokens > 0
+    # speculative sampling with draft == target accepts every draft token
+    same = run(target, target, "sd", temperature=1.0, seed=5, draft_len=3)
+    assert same.stats.accepted == same.stats.drafted

@@ -1,0 +1,56 @@
+"""Methods that must reduce to greedy decoding do so token for token, on three model families."""
+
+import pytest
+
+from cdsl.config import DecodeConfig
+from cdsl.generate import generate
+from cdsl.rewards import Coverage
+
+from .conftest import FAMILIES
+
+PROMPTS = ["Concepts: dog, frisbee, catch, throw\nSentence:", "The child"]
+
+
+def run(pair, method, prompt, **cfg):
+    target, draft = pair
+    reward = Coverage(["dog", "frisbee", "catch", "throw"])
+    return generate(prompt, target, draft, reward, DecodeConfig(method=method, max_new_tokens=24, **cfg))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_reductions_to_greedy(pairs, family, prompt):
+    pair = pairs[family]
+    ref = run(pair, "greedy", prompt)
+    assert ref.stats.tokens > 0
+    for d in (1, 3, 5):
+        assert run(pair, "sd", prompt, draft_len=d).token_ids == ref.token_ids
+        same = run(pair, "cdsl", prompt, draft_len=d, tau_accept=1.0, tau_reward=0.0)
+        assert same.token_ids == ref.token_ids
+        assert same.stats.states["S2"] == same.stats.states["S4"] == 0
+    for method in ("cdlh", "cdlh-appx"):
+        assert run(pair, method, prompt, k=1, lookahead=3).token_ids == ref.token_ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_draft_and_target_differ(pairs, family):
+    """Guards the tests above: the draft really is another model, so SD had rejections to fix."""
+    out = run(pairs[family], "sd", PROMPTS[0], draft_len=4)
+    assert out.stats.accepted < out.stats.drafted
+
+
+def test_lookahead_changes_the_choice(pairs):
+    """With a heavy reward weight CDLH is steered away from greedy (the reward is not ignored)."""
+    target, draft = pairs["llama"]
+    prompt = "Concepts: cat, dog\nSentence:"
+    reward = Coverage(["park", "dog", "cat", "child", "stone", "river"])
+    cfg = dict(max_new_tokens=16, k=8, lookahead=4)
+    plain = generate(prompt, target, None, None, DecodeConfig(method="greedy", max_new_tokens=16))
+    steered = generate(prompt, target, None, reward, DecodeConfig(method="cdlh", reward_weight=100.0, **cfg))
+    final = reward.score
+    from cdsl.rewards import RewardInput
+
+    r_plain = final([RewardInput(prompt, plain.text, final=True)])[0]
+    r_steered = final([RewardInput(prompt, steered.text, final=True)])[0]
+    assert r_steered >= r_plain
+    assert steered.token_ids != plain.token_ids

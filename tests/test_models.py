@@ -1,0 +1,54 @@
+import pytest
+
+from cdsl.config import DecodeConfig, ModelConfig
+from cdsl.generate import generate, load_pair
+from cdsl.models import LM, VocabularyMismatch
+
+from .conftest import make_model, make_tokenizer
+
+
+def test_mismatched_vocabularies_refused(model_dirs, tmp_path):
+    other = tmp_path / "other-draft"
+    tok = make_tokenizer(other, vocab_size=300, corpus=["completely different words here", "zebra quartz"])
+    make_model("llama", len(tok), tok.eos_token_id, seed=0).save_pretrained(other)
+    with pytest.raises(VocabularyMismatch) as err:
+        load_pair(str(model_dirs["llama-target"]), str(other))
+    assert str(other) in str(err.value) and str(model_dirs["llama-target"]) in str(err.value)
+
+
+def test_cross_family_pair_sharing_a_tokenizer_is_accepted(model_dirs):
+    target, draft = load_pair(str(model_dirs["llama-target"]), str(model_dirs["gpt2-draft"]))
+    out = generate("The dog", target, draft, None, DecodeConfig(method="sd", max_new_tokens=8))
+    assert out.stats.tokens > 0
+
+
+def test_missing_local_folder_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        LM.load(ModelConfig(path=str(tmp_path / "nope")))
+
+
+def test_method_requirements(pairs):
+    target, _ = pairs["llama"]
+    with pytest.raises(ValueError, match="needs a draft"):
+        generate("x", target, None, None, DecodeConfig(method="sd"))
+    with pytest.raises(ValueError, match="needs a reward"):
+        generate("x", target, target, None, DecodeConfig(method="cdsl"))
+
+
+def test_crop_and_rollout_keep_cache_consistent(pairs):
+    """Decoding after truncation/adoption gives the same logits as a fresh prefill."""
+    import torch
+
+    from cdsl.models import Decoder
+    from cdsl.stats import Stats
+
+    target, _ = pairs["qwen2"]
+    ids = target.encode("The dog throws a frisbee")
+    dec = Decoder(target, ids, Stats(), "target")
+    dec.step([5, 6, 7])
+    dec.truncate(len(ids) + 1)
+    ro = dec.rollout([9, 10], 3, lambda logits: logits.argmax(-1))
+    dec.adopt(ro, 1)
+    fresh = Decoder(target, ids + [5, 10], Stats(), "target").next_logits()
+    assert torch.allclose(dec.next_logits(), fresh, atol=1e-9)
+    assert dec.ids == ids + [5, 10]

@@ -1,0 +1,62 @@
+import pytest
+
+from cdsl.rewards import Combined, Coverage, Keywords, Regex, Reward, RewardInput, RewardSpec, coverage, covered
+
+
+@pytest.mark.parametrize("text,concept", [
+    ("He threw the ball.", "throw"), ("She is throwing it", "throw"), ("It was thrown away", "throw"),
+    ("He throws", "throw"), ("The children play.", "child"), ("A CHILD!", "child"),
+    ("dogs, everywhere", "dog"), ("the frisbees", "frisbee"), ("Caught it.", "catch"),
+    ("mice ran", "mouse"), ("She stood there", "stand"), ("(dog)", "dog"),
+])
+def test_inflections_case_punctuation(text, concept):
+    assert covered(text, [concept]) == [True]
+
+
+@pytest.mark.parametrize("text,concept", [
+    ("concatenate", "cat"), ("A doghouse", "dog"), ("throwback", "throw"), ("childish", "child"),
+    ("the scatter", "cat"), ("", "dog"),
+])
+def test_no_match_inside_other_words(text, concept):
+    assert covered(text, [concept]) == [False]
+
+
+def test_fraction():
+    assert coverage("A dog catches a frisbee.", ["dog", "frisbee", "catch", "throw"]) == 0.75
+
+
+def item(text, final=False, budget=10, prefix=""):
+    return RewardInput("p", prefix, text, final, budget)
+
+
+def test_coverage_progress_modes():
+    concepts = ["dog", "frisbee", "catch", "throw"]
+    frac, able = Coverage(concepts, "fraction"), Coverage(concepts, "coverable", tokens_per_concept=3)
+    early = item(" A dog", budget=20)
+    assert frac.progress([early]) == [0.25]
+    assert able.progress([early]) == [1.0]  # 3 missing concepts fit in 20 tokens
+    assert able.progress([item(" A dog", budget=5)]) == [0.25]  # they no longer fit
+    assert able.progress([item(" A dog.", final=True)]) == [0.25]  # the sentence ended short
+    assert able.score([early]) == [0.25]
+    # prefix and continuation are judged together
+    assert frac.score([item(" catches it", prefix="A dog")]) == [0.5]
+
+
+def test_keywords_regex_combined():
+    kw = Keywords(["New York", "rain"])
+    assert kw.score([item("Rain in new york")]) == [1.0]
+    assert kw.score([item("rainy New Yorker")]) == [0.0]
+    rx = Regex(r"\d{4}")
+    assert rx.score([item("in 1999")]) == [1.0] and rx.score([item("in the 90s")]) == [0.0]
+    assert rx.progress([item("not yet")]) == [1.0] and rx.progress([item("no", final=True)]) == [0.0]
+    both = Combined([(Coverage(["dog"], "fraction"), 1.0), (rx, 3.0)], how="mean")
+    assert both.score([item("a dog")]) == [0.25]
+    assert Combined([(Coverage(["dog"], "fraction"), 1.0), (rx, 1.0)], how="all").score([item("a dog")]) == [0.0]
+
+
+def test_spec_builds_rewards():
+    assert isinstance(RewardSpec(concepts=["dog"]).build(), Coverage)
+    combined = RewardSpec(concepts=["dog"], regex="x").build()
+    assert isinstance(combined, Combined) and isinstance(combined, Reward)
+    with pytest.raises(ValueError, match="concepts, keywords, regex"):
+        RewardSpec().build()
