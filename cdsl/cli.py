@@ -134,3 +134,65 @@ def demo(
     Console().print(table)
     for name, s in results.items():
         typer.echo(f"{name}: {s.texts[0].strip()}")
+
+
+@app.command()
+def bench(
+    dataset: str = typer.Option("builtin", help="builtin, a CommonGen-format jsonl, or Parquet with `concepts`."),
+    methods: str = typer.Option("greedy,sd,cdlh,cdlh-appx,cdsl", help="Comma-separated methods."),
+    limit: int = typer.Option(0, help="Use only the first N concept sets (0: all)."),
+    out: str = typer.Option("runs/bench", help="Folder for results.json, report.md and plots."),
+    sweep: str = typer.Option(None, help='CDSL grid, e.g. "tau_accept=0.5,1;tau_reward=0.5,1;draft_len=2,4".'),
+    warmup: int = typer.Option(2, help="Concept sets run first and not counted."),
+    target: str = typer.Option(str(BUNDLED / "target"), help="Target model: local folder or hub id."),
+    draft: str = typer.Option(str(BUNDLED / "draft"), help="Draft model: local folder or hub id."),
+    k: int = typer.Option(D.k, help=_help("k")),
+    lookahead: int = typer.Option(D.lookahead, help=_help("lookahead")),
+    draft_len: int = typer.Option(D.draft_len, help=_help("draft_len")),
+    tau_accept: float = typer.Option(D.tau_accept, help=_help("tau_accept")),
+    tau_reward: float = typer.Option(D.tau_reward, help=_help("tau_reward")),
+    reward_weight: float = typer.Option(D.reward_weight, help=_help("reward_weight")),
+    max_new_tokens: int = typer.Option(D.max_new_tokens, help=_help("max_new_tokens")),
+) -> None:
+    """Benchmark methods side by side (and optionally sweep CDSL's knobs); writes OUT/results.json."""
+    from pathlib import Path
+
+    from cdsl.bench import load_dataset, parse_sweep, run_bench, speedups, write_report
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        base = DecodeConfig(k=k, lookahead=lookahead, draft_len=draft_len, tau_accept=tau_accept,
+                            tau_reward=tau_reward, reward_weight=reward_weight, max_new_tokens=max_new_tokens)
+        runs = {m: base.model_copy(update={"method": m}) for m in names}
+        if not names:
+            fail("--methods is empty")
+        for m in names:
+            DecodeConfig(method=m)
+        grid = parse_sweep(sweep) if sweep else []
+        sweep_runs = {"cdsl " + " ".join(f"{k_}={v}" for k_, v in g.items()):
+                      DecodeConfig(**{**base.model_dump(), **g, "method": "cdsl"}) for g in grid}
+        sets = load_dataset(dataset, limit)
+        target_lm, draft_lm = load_pair(target, draft)
+    except ValidationError as err:
+        fail(validation_message(err))
+    except (OSError, ValueError) as err:
+        fail(str(err))
+    results = run_bench(sets, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "outputs.jsonl", "w") as f:
+        for i, concepts in enumerate(sets):
+            f.write(json.dumps({"concepts": concepts, **{n: d["texts"][i] for n, d in results.items()}}) + "\n")
+    for d in results.values():
+        d.pop("texts")
+    main_results = {n: results[n] for n in runs}
+    report = {"config": {"dataset": dataset, "n": len(sets), "target": target, "draft": draft,
+                         **base.model_dump(mode="json", exclude={"method", "policy"})},
+              "methods": main_results, "speedup_vs_cdlh": speedups(main_results),
+              "sweep": {n: results[n] for n in sweep_runs}}
+    (folder / "results.json").write_text(json.dumps(report, indent=2))
+    write_report(folder, report)
+    from cdsl.bench import report_table
+
+    typer.echo(report_table(report))
+    typer.echo(f"results: {folder / 'results.json'}, report: {folder / 'report.md'}")

@@ -1,0 +1,166 @@
+"""The benchmark: every method on the same concept sets, interleaved, after a warm-up.
+
+Writes OUT/results.json, OUT/report.md and PNG plots (speed vs coverage, CDSL state mix and,
+with a sweep, the CDSL speed/quality frontier). In-process only; the Ray pipeline has its own
+throughput benchmark.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from cdsl.config import DecodeConfig
+from cdsl.evaluate import SAMPLES, Summary, load_samples
+from cdsl.generate import generate
+from cdsl.models import LM
+from cdsl.rewards import Coverage
+from cdsl.tasks import commongen_prompt, parse_concepts, read_commongen_jsonl
+
+SWEEPABLE = {"tau_accept": float, "tau_reward": float, "draft_len": int, "k": int, "lookahead": int,
+             "reward_weight": float}
+
+
+def load_dataset(dataset: str, limit: int = 0) -> list[list[str]]:
+    """Concept sets from "builtin", a CommonGen jsonl, a jsonl with `concepts`, or Parquet."""
+    if dataset == "builtin":
+        sets = load_samples(SAMPLES)
+    elif dataset.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(dataset, columns=["concepts"])
+        sets = [parse_concepts(c) for c in table.column("concepts").to_pylist()]
+    else:
+        path = Path(dataset)
+        if not path.exists():
+            raise FileNotFoundError(f"dataset not found: {dataset}")
+        first = json.loads(path.open().readline())
+        if "concept_set" in first:
+            sets = [r["concepts"] for r in read_commongen_jsonl(path)]
+        else:
+            sets = [parse_concepts(json.loads(line)["concepts"]) for line in path.open() if line.strip()]
+    return sets[: limit or None]
+
+
+def parse_sweep(spec: str) -> list[dict]:
+    """"tau_accept=0.5,1;draft_len=2,4" -> the grid of CDSL overrides."""
+    axes = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, values = part.partition("=")
+        name = name.strip()
+        if name not in SWEEPABLE:
+            raise ValueError(f"sweep: unknown field {name!r}; choose from {sorted(SWEEPABLE)}")
+        axes[name] = [SWEEPABLE[name](v) for v in values.split(",") if v.strip()]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+@torch.inference_mode()
+def perplexity(target: LM, prompt: str, text: str) -> float:
+    """Target perplexity of `text` (+ EOS) after `prompt`: the fluency check on outputs."""
+    p = target.encode(prompt)
+    body = target.encode(text) + [target.eos_id]
+    logits = target.model(torch.tensor([p + body]).to(target.device)).logits[0, len(p) - 1:-1, : target.vocab_size]
+    return math.exp(torch.nn.functional.cross_entropy(logits.float().cpu(), torch.tensor(body)).item())
+
+
+def run_bench(concept_sets: list[list[str]], runs: dict[str, DecodeConfig], target: LM, draft: LM | None,
+              warmup: int = 2, progress: bool = True, seed: int = 0) -> dict[str, dict]:
+    """Run every named config on every example; the order of runs is shuffled per example."""
+    from tqdm import tqdm
+
+    for concepts in concept_sets[:warmup]:
+        for cfg in runs.values():
+            generate(commongen_prompt(concepts), target, draft, Coverage(concepts), cfg)
+    rng = random.Random(seed)
+    summaries = {name: Summary() for name in runs}
+    ppl = {name: [] for name in runs}
+    for concepts in tqdm(concept_sets, desc="bench", disable=not progress):
+        prompt = commongen_prompt(concepts)
+        order = list(runs)
+        rng.shuffle(order)
+        for name in order:
+            result = generate(prompt, target, draft, Coverage(concepts), runs[name])
+            summaries[name].add(result.text, concepts, result.stats)
+            ppl[name].append(perplexity(target, prompt, result.text))
+    out = {}
+    for name, s in summaries.items():
+        d = s.to_dict()
+        d["perplexity"] = math.exp(sum(math.log(x) for x in ppl[name]) / max(1, len(ppl[name])))
+        d["tokens_per_s"] = d["tokens"] / max(1e-9, d["wall_s"])
+        d["config"] = runs[name].model_dump(mode="json", exclude={"policy"})
+        d["texts"] = s.texts
+        out[name] = d
+    return out
+
+
+def speedups(methods: dict[str, dict], ref: str = "cdlh") -> dict[str, float]:
+    if ref not in methods:
+        return {}
+    return {name: methods[ref]["wall_s"] / max(1e-9, d["wall_s"]) for name, d in methods.items()}
+
+
+def write_report(out: Path, results: dict) -> None:
+    """report.md (a table) and the plots, from a results.json-shaped dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [report_table(results), ""]
+    plots = plot(out, results)
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def report_table(results: dict) -> str:
+    speed = results.get("speedup_vs_cdlh", {})
+    rows = ["| method | all concepts | mean coverage | perplexity | wall s | tokens/s | target calls/token "
+            "| speedup vs CDLH | states S1/S2/S3/S4 |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, d in results["methods"].items():
+        states = "/".join(str(d["states"][s]) for s in ("S1", "S2", "S3", "S4")) if sum(d["states"].values()) else "-"
+        rows.append(f"| {name} | {d['coverage_all']:.1%} | {d['coverage_mean']:.1%} | {d['perplexity']:.1f} "
+                    f"| {d['wall_s']:.1f} | {d['tokens_per_s']:.0f} | {d['target_calls_per_token']:.2f} "
+                    f"| {speed.get(name, float('nan')):.2f}x | {states} |")
+    return "\n".join(rows)
+
+
+def plot(out: Path, results: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, files = results["methods"], []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, d in methods.items():
+        ax.scatter(d["wall_s"], 100 * d["coverage_all"], s=40)
+        ax.annotate(name, (d["wall_s"], 100 * d["coverage_all"]), textcoords="offset points", xytext=(5, 3))
+    for d in results.get("sweep", {}).values():
+        ax.scatter(d["wall_s"], 100 * d["coverage_all"], s=12, c="grey", alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time, s (log)")
+    ax.set_ylabel("all concepts covered, %")
+    ax.set_title("Speed vs coverage" + (" (grey: CDSL sweep)" if results.get("sweep") else ""))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(out / "speed_vs_coverage.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+    mixes = {n: d["states"] for n, d in {**methods, **results.get("sweep", {})}.items() if sum(d["states"].values())}
+    if mixes:
+        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(mixes) + 2), 4))
+        bottom = [0.0] * len(mixes)
+        for state in ("S1", "S2", "S3", "S4"):
+            share = [m[state] / sum(m.values()) for m in mixes.values()]
+            ax.bar(list(mixes), share, bottom=bottom, label=state)
+            bottom = [b + s for b, s in zip(bottom, share)]
+        ax.set_ylabel("share of CDSL rounds")
+        ax.set_title("CDSL state mix")
+        ax.legend()
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=7)
+        fig.tight_layout()
+        files.append(out / "cdsl_states.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+    return files
