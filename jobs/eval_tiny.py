@@ -89,6 +89,64 @@ def plot_loss(csv_path: Path, png: Path) -> None:
     fig.savefig(png, dpi=100)
 
 
+def model_card(f: dict, models: Path) -> str:
+    """The model card, with every figure taken from this run's measurements."""
+    train = (models / "train_command.txt").read_text().strip() if (models / "train_command.txt").exists() else ""
+    g, s, c = f["greedy"], f["sd"], f["cdlh"]
+    kl = f"k = {f['k']}, L = {f['lookahead']}"
+    examples = "\n".join(f"| {', '.join(e['concepts'])} | {e['greedy']} | {e['cdlh']} |" for e in f["greedy_examples"])
+    return f"""---
+license: mit
+datasets: [allenai/common_gen]
+language: [en]
+library_name: transformers
+pipeline_tag: text-generation
+---
+# Tiny CommonGen draft/target pair
+
+The default models of this project: a target and a draft causal LM (Llama architecture, so that
+DeepSpeed AutoTP can split the target) and their shared byte-level BPE tokenizer, trained from
+scratch on CPU by `jobs/train_tiny.py` so that CDSL's effect can be seen offline on a laptop.
+They write one short everyday sentence for a prompt `Concepts: dog, frisbee, catch, throw\nSentence:`.
+They know nothing else; do not use them for anything but demos and tests.
+
+## Data
+CommonGen v1.0 training set (39,068 concept-set/sentence pairs; INK-USC/CommonGen, MIT licence).
+Concept order is shuffled per example; the loss covers the sentence and EOS, not the prompt.
+
+## Sizes
+| model | parameters | layers x hidden | one-token forward on this CPU |
+|---|---|---|---|
+| target | {f["target_parameters_M"]:.1f}M | see target/config.json | {f["target_forward_ms"]:.2f} ms |
+| draft | {f["draft_parameters_M"]:.2f}M | see draft/config.json | {f["draft_forward_ms"]:.2f} ms |
+
+The draft has {f["target_parameters_M"] / f["draft_parameters_M"]:.0f}x fewer parameters; per forward pass on
+this 2-core CPU it is {f["target_forward_ms"] / f["draft_forward_ms"]:.1f}x cheaper (fixed per-call overhead
+dominates tiny models on CPU, so the wall-time ratio is smaller than the FLOP ratio).
+
+## Training
+`{train}`
+
+![loss](loss.png)
+
+## Figures on CommonGen dev (first {f["dev_rows"]} concept sets; `python -m jobs.eval_tiny`)
+| figure | value |
+|---|---|
+| target perplexity of the first human reference | {f["reference_perplexity"]:.1f} |
+| draft/target next-token agreement, teacher-forced on references | {f["agreement_teacher_forced"]:.1%} |
+| SD acceptance (draft tokens the target accepts, d = 4) | {f["sd_acceptance"]:.1%} |
+| greedy: all concepts covered / mean coverage | {g["coverage_all"]:.1%} / {g["coverage_mean"]:.1%} |
+| CDLH ({kl}): all concepts covered / mean coverage | {c["coverage_all"]:.1%} / {c["coverage_mean"]:.1%} |
+| wall time greedy / SD / CDLH | {g["wall_s"]:.1f} s / {s["wall_s"]:.1f} s / {c["wall_s"]:.1f} s |
+
+Examples (greedy, then CDLH):
+
+| concepts | greedy | CDLH |
+|---|---|---|
+{examples}
+"""
+
+
 @app.command()
 def main(
     models: Path = typer.Option(Path("cdsl/bundled"), help="Folder with target/ and draft/."),
@@ -114,6 +172,7 @@ def main(
     (models / "eval.json").write_text(json.dumps(figures, indent=2))
     if (models / "loss.csv").exists():
         plot_loss(models / "loss.csv", models / "loss.png")
+    (models / "README.md").write_text(model_card(figures, models))
     print(json.dumps({k: v for k, v in figures.items() if k != "greedy_examples"}, indent=2))
 
 
