@@ -116,13 +116,30 @@ def write_report(out: Path, results: dict) -> None:
 def report_table(results: dict) -> str:
     speed = results.get("speedup_vs_cdlh", {})
     rows = ["| method | all concepts | mean coverage | perplexity | wall s | tokens/s | target calls/token "
-            "| speedup vs CDLH | states S1/S2/S3/S4 |", "|---|---|---|---|---|---|---|---|---|"]
+            "| speedup vs CDLH | time in forward passes | states S1/S2/S3/S4 |", "|---" * 10 + "|"]
     for name, d in results["methods"].items():
         states = "/".join(str(d["states"][s]) for s in ("S1", "S2", "S3", "S4")) if sum(d["states"].values()) else "-"
         rows.append(f"| {name} | {d['coverage_all']:.1%} | {d['coverage_mean']:.1%} | {d['perplexity']:.1f} "
                     f"| {d['wall_s']:.1f} | {d['tokens_per_s']:.0f} | {d['target_calls_per_token']:.2f} "
-                    f"| {speed.get(name, float('nan')):.2f}x | {states} |")
+                    f"| {speed.get(name, float('nan')):.2f}x | {d['time_model_share']:.0%} | {states} |")
     return "\n".join(rows)
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def refresh_readme(readme: Path, results: dict) -> None:
+    """Replace the text between the bench markers with this run's table and settings."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{readme}: no {START} ... {END} markers to refresh")
+    cfg = results["config"]
+    settings = ", ".join(f"{k}={cfg[k]}" for k in ("k", "lookahead", "draft_len", "tau_accept", "tau_reward",
+                                                   "reward_weight", "max_new_tokens"))
+    body = (f"{cfg['n']} concept sets of `{cfg['dataset']}`, bundled pair, {settings}; "
+            f"measured in one run by `make bench`.\n\n{report_table(results)}\n")
+    head, rest = text.split(START, 1)
+    readme.write_text(head + START + "\n" + body + END + rest.split(END, 1)[1])
 
 
 def plot(out: Path, results: dict) -> list[Path]:

@@ -144,6 +144,7 @@ def bench(
     out: str = typer.Option("runs/bench", help="Folder for results.json, report.md and plots."),
     sweep: str = typer.Option(None, help='CDSL grid, e.g. "tau_accept=0.5,1;tau_reward=0.5,1;draft_len=2,4".'),
     warmup: int = typer.Option(2, help="Concept sets run first and not counted."),
+    readme: str = typer.Option(None, help="Also refresh the table between the bench markers of this file."),
     target: str = typer.Option(str(BUNDLED / "target"), help="Target model: local folder or hub id."),
     draft: str = typer.Option(str(BUNDLED / "draft"), help="Draft model: local folder or hub id."),
     k: int = typer.Option(D.k, help=_help("k")),
@@ -157,7 +158,7 @@ def bench(
     """Benchmark methods side by side (and optionally sweep CDSL's knobs); writes OUT/results.json."""
     from pathlib import Path
 
-    from cdsl.bench import load_dataset, parse_sweep, run_bench, speedups, write_report
+    from cdsl.bench import load_dataset, parse_sweep, refresh_readme, run_bench, speedups, write_report
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     try:
@@ -195,4 +196,6 @@ def bench(
     from cdsl.bench import report_table
 
     typer.echo(report_table(report))
+    if readme:
+        refresh_readme(Path(readme), report)
     typer.echo(f"results: {folder / 'results.json'}, report: {folder / 'report.md'}")

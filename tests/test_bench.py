@@ -1,0 +1,61 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cdsl.bench import END, START, load_dataset, parse_sweep
+from cdsl.cli import app
+
+runner = CliRunner()
+
+
+def test_datasets(tmp_path):
+    assert len(load_dataset("builtin")) >= 20
+    cg = tmp_path / "dev.jsonl"
+    cg.write_text('{"concept_set": "field_N#look_V#stand_V", "scene": ["x"]}\n{"concept_set": "dog_N#run_V"}\n')
+    assert load_dataset(str(cg)) == [["field", "look", "stand"], ["dog", "run"]]
+    pq.write_table(pa.table({"concepts": [["cat", "sofa"], ["sun", "sky", "sea"]]}), tmp_path / "in.parquet")
+    assert load_dataset(str(tmp_path / "in.parquet"), limit=1) == [["cat", "sofa"]]
+    with pytest.raises(FileNotFoundError):
+        load_dataset(str(tmp_path / "missing.jsonl"))
+
+
+def test_parse_sweep():
+    grid = parse_sweep("tau_accept=0.5,1;draft_len=2,4")
+    assert len(grid) == 4 and {"tau_accept": 1.0, "draft_len": 4} in grid
+    with pytest.raises(ValueError, match="unknown field 'tau'"):
+        parse_sweep("tau=1")
+
+
+def test_bench_end_to_end(model_dirs, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold\n{END}\nrest\n")
+    out = tmp_path / "bench"
+    res = runner.invoke(app, ["bench", "--dataset", "builtin", "--limit", "2", "--warmup", "1", "--out", str(out),
+                              "--target", str(model_dirs["llama-target"]), "--draft", str(model_dirs["llama-draft"]),
+                              "--max-new-tokens", "8", "--k", "2", "--lookahead", "2",
+                              "--sweep", "tau_accept=0.5,1", "--readme", str(readme)])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"greedy", "sd", "cdlh", "cdlh-appx", "cdsl"}
+    for d in results["methods"].values():
+        for key in ("wall_s", "tokens", "target_calls", "draft_calls", "reward_calls", "target_calls_per_token",
+                    "coverage_all", "coverage_mean", "perplexity", "states"):
+            assert key in d
+        assert 0 <= d["coverage_all"] <= d["coverage_mean"] + 1e-9 <= 1 + 1e-9 and d["perplexity"] > 1
+    assert results["speedup_vs_cdlh"]["cdlh"] == 1.0 and len(results["sweep"]) == 2
+    assert sum(results["methods"]["cdsl"]["states"].values()) > 0
+    assert sum(results["methods"]["greedy"]["states"].values()) == 0
+    for name in ("report.md", "speed_vs_coverage.png", "cdsl_states.png", "outputs.jsonl"):
+        assert (out / name).stat().st_size > 0
+    text = readme.read_text()
+    assert "old" not in text and "| cdsl |" in text and text.endswith("rest\n")
+
+
+def test_bench_bad_input(model_dirs, tmp_path):
+    res = runner.invoke(app, ["bench", "--methods", "greedy,beam", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "method" in res.output
+    res = runner.invoke(app, ["bench", "--dataset", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "dataset not found" in res.output
