@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint venv clean bench
 
 venv: $(STAMP)
 
@@ -27,3 +27,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The standard benchmark on CommonGen dev (refreshes the README table).
+BENCH_DATA ?= ../shared/data/commongen/dev.jsonl
+BENCH_LIMIT ?= 200
+bench: $(STAMP)
+	$(VENV)/bin/cdsl bench --dataset $(BENCH_DATA) --limit $(BENCH_LIMIT) --out runs/bench --readme README.md

@@ -69,13 +69,17 @@ def perplexity(target: LM, prompt: str, text: str) -> float:
 
 
 def run_bench(concept_sets: list[list[str]], runs: dict[str, DecodeConfig], target: LM, draft: LM | None,
-              warmup: int = 2, progress: bool = True, seed: int = 0) -> dict[str, dict]:
-    """Run every named config on every example; the order of runs is shuffled per example."""
+              warmup: int = 2, progress: bool = True, seed: int = 0, reward_progress: str = "coverable") -> dict:
+    """Run every named config on every example; the order of runs is shuffled per example.
+    `reward_progress` is the coverage reward's mode for unfinished text (see `Coverage`)."""
     from tqdm import tqdm
+
+    def reward(concepts: list[str]) -> Coverage:
+        return Coverage(concepts, progress_mode=reward_progress)
 
     for concepts in concept_sets[:warmup]:
         for cfg in runs.values():
-            generate(commongen_prompt(concepts), target, draft, Coverage(concepts), cfg)
+            generate(commongen_prompt(concepts), target, draft, reward(concepts), cfg)
     rng = random.Random(seed)
     summaries = {name: Summary() for name in runs}
     ppl = {name: [] for name in runs}
@@ -84,7 +88,7 @@ def run_bench(concept_sets: list[list[str]], runs: dict[str, DecodeConfig], targ
         order = list(runs)
         rng.shuffle(order)
         for name in order:
-            result = generate(prompt, target, draft, Coverage(concepts), runs[name])
+            result = generate(prompt, target, draft, reward(concepts), runs[name])
             summaries[name].add(result.text, concepts, result.stats)
             ppl[name].append(perplexity(target, prompt, result.text))
     out = {}

@@ -145,6 +145,7 @@ def bench(
     sweep: str = typer.Option(None, help='CDSL grid, e.g. "tau_accept=0.5,1;tau_reward=0.5,1;draft_len=2,4".'),
     warmup: int = typer.Option(2, help="Concept sets run first and not counted."),
     readme: str = typer.Option(None, help="Also refresh the table between the bench markers of this file."),
+    progress: str = typer.Option("coverable", help="Coverage on unfinished text: coverable or fraction."),
     target: str = typer.Option(str(BUNDLED / "target"), help="Target model: local folder or hub id."),
     draft: str = typer.Option(str(BUNDLED / "draft"), help="Draft model: local folder or hub id."),
     k: int = typer.Option(D.k, help=_help("k")),
@@ -178,7 +179,9 @@ def bench(
         fail(validation_message(err))
     except (OSError, ValueError) as err:
         fail(str(err))
-    results = run_bench(sets, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup)
+    if progress not in ("coverable", "fraction"):
+        fail(f"--progress must be coverable or fraction, got {progress!r}")
+    results = run_bench(sets, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup, reward_progress=progress)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "outputs.jsonl", "w") as f:
@@ -187,7 +190,7 @@ def bench(
     for d in results.values():
         d.pop("texts")
     main_results = {n: results[n] for n in runs}
-    report = {"config": {"dataset": dataset, "n": len(sets), "target": target, "draft": draft,
+    report = {"config": {"dataset": dataset, "n": len(sets), "target": target, "draft": draft, "progress": progress,
                          **base.model_dump(mode="json", exclude={"method", "policy"})},
               "methods": main_results, "speedup_vs_cdlh": speedups(main_results),
               "sweep": {n: results[n] for n in sweep_runs}}

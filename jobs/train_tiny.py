@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def main(
     draft_hidden: int = typer.Option(96), draft_layers: int = typer.Option(2), draft_heads: int = 2,
     epochs: float = typer.Option(3.0, help="Passes over the training set."),
     max_minutes: float = typer.Option(110.0, help="Stop (and save) after this much training time."),
-    batch_size: int = 32, lr: float = 2e-3, seed: int = 0, threads: int = 2,
+    batch_size: int = 64, seed: int = 0, threads: int = 2,
+    target_lr: float = typer.Option(5e-4, help="Peak learning rate of the target (cosine decay)."),
+    draft_lr: float = typer.Option(2e-3, help="Peak learning rate of the draft (smaller models take more)."),
     save_every: int = 500, limit: int = typer.Option(0, help="Use only the first N pairs (0: all)."),
 ) -> None:
     torch.manual_seed(seed)
@@ -106,6 +109,7 @@ def main(
     if limit:
         pairs = pairs[:limit]
     out.mkdir(parents=True, exist_ok=True)
+    (out / "train_command.txt").write_text("python -m jobs.train_tiny " + " ".join(sys.argv[1:]) + "\n")
     tok = train_tokenizer(pairs, vocab_size, out / "target")
     tok.save_pretrained(out / "draft")
     rows = encode(tok, pairs, rng)
@@ -118,10 +122,11 @@ def main(
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters", flush=True)
     steps_per_epoch = len(rows) // batch_size
     total = int(steps_per_epoch * epochs)
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.05) for n, m in models.items()}
+    peak = {"target": target_lr, "draft": draft_lr}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=peak[n], weight_decay=0.05) for n, m in models.items()}
     warmup = min(200, total // 10)
 
-    def lr_at(step: int) -> float:
+    def lr_at(step: int, lr: float) -> float:
         if step < warmup:
             return lr * (step + 1) / warmup
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -130,14 +135,14 @@ def main(
     writer = csv.writer(log)
     writer.writerow(["step", "epoch", "target_loss", "draft_loss", "seconds"])
     start, step = time.time(), 0
-    bar = tqdm(total=total, desc="train", mininterval=10)
+    bar = tqdm(total=total, desc="train", mininterval=30)
     done = False
     while not done:
         for ids, labels, mask in batches(rows, batch_size, eos, rng):
             losses = {}
             for name, m in models.items():
                 for g in opts[name].param_groups:
-                    g["lr"] = lr_at(step)
+                    g["lr"] = lr_at(step, peak[name])
                 loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
@@ -148,8 +153,8 @@ def main(
             elapsed = time.time() - start
             writer.writerow([step, f"{step / steps_per_epoch:.3f}", f"{losses['target']:.4f}",
                              f"{losses['draft']:.4f}", f"{elapsed:.0f}"])
+            bar.set_postfix(target=f"{losses['target']:.3f}", draft=f"{losses['draft']:.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(target=f"{losses['target']:.3f}", draft=f"{losses['draft']:.3f}")
             done = step >= total or elapsed > max_minutes * 60
             if step % save_every == 0 or done:
                 log.flush()
