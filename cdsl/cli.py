@@ -23,6 +23,15 @@ def _help(name: str) -> str:
     return DecodeConfig.model_fields[name].description or ""
 
 
+def _opt(name: str):
+    """A CLI option whose default and help come from `DecodeConfig`, the one source of both."""
+    return typer.Option(getattr(D, name), help=_help(name))
+
+
+TARGET = typer.Option(str(BUNDLED / "target"), help="Target model: local folder or hub id.")
+DRAFT = typer.Option(str(BUNDLED / "draft"), help="Draft model: local folder or hub id.")
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -38,18 +47,18 @@ def generate(
     prompt: str = typer.Option(None, help="Prompt text; default: the CommonGen prompt built from --concepts."),
     keywords: str = typer.Option(None, help="Comma-separated keywords that must appear."),
     regex: str = typer.Option(None, help="A pattern the text must match."),
-    method: str = typer.Option(D.method, help=_help("method")),
-    target: str = typer.Option(str(BUNDLED / "target"), help="Target model: local folder or hub id."),
-    draft: str = typer.Option(str(BUNDLED / "draft"), help="Draft model: local folder or hub id."),
-    k: int = typer.Option(D.k, help=_help("k")),
-    lookahead: int = typer.Option(D.lookahead, help=_help("lookahead")),
-    draft_len: int = typer.Option(D.draft_len, help=_help("draft_len")),
-    tau_accept: float = typer.Option(D.tau_accept, help=_help("tau_accept")),
-    tau_reward: float = typer.Option(D.tau_reward, help=_help("tau_reward")),
-    reward_weight: float = typer.Option(D.reward_weight, help=_help("reward_weight")),
-    max_new_tokens: int = typer.Option(D.max_new_tokens, help=_help("max_new_tokens")),
-    temperature: float = typer.Option(D.temperature, help=_help("temperature")),
-    seed: int = typer.Option(D.seed, help=_help("seed")),
+    method: str = _opt("method"),
+    target: str = TARGET,
+    draft: str = DRAFT,
+    k: int = _opt("k"),
+    lookahead: int = _opt("lookahead"),
+    draft_len: int = _opt("draft_len"),
+    tau_accept: float = _opt("tau_accept"),
+    tau_reward: float = _opt("tau_reward"),
+    reward_weight: float = _opt("reward_weight"),
+    max_new_tokens: int = _opt("max_new_tokens"),
+    temperature: float = _opt("temperature"),
+    seed: int = _opt("seed"),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float64, bfloat16, float16."),
     device: str = typer.Option("cpu", help="torch device for both models."),
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ..., "stats": {...}}.'),
@@ -103,8 +112,8 @@ def demo(
     methods: str = typer.Option("greedy,cdlh,cdsl", help="Comma-separated methods to compare."),
     samples: str = typer.Option(None, help="jsonl of {'concepts': [...]} rows; default: the bundled sample."),
     limit: int = typer.Option(0, help="Use only the first N concept sets (0: all)."),
-    target: str = typer.Option(str(BUNDLED / "target"), help="Target model: local folder or hub id."),
-    draft: str = typer.Option(str(BUNDLED / "draft"), help="Draft model: local folder or hub id."),
+    target: str = TARGET,
+    draft: str = DRAFT,
 ) -> None:
     """Compare methods on the bundled concept sets, in-process, and print a table."""
     from rich.console import Console
@@ -146,15 +155,15 @@ def bench(
     warmup: int = typer.Option(2, help="Concept sets run first and not counted."),
     readme: str = typer.Option(None, help="Also refresh the table between the bench markers of this file."),
     progress: str = typer.Option("coverable", help="Coverage on unfinished text: coverable or fraction."),
-    target: str = typer.Option(str(BUNDLED / "target"), help="Target model: local folder or hub id."),
-    draft: str = typer.Option(str(BUNDLED / "draft"), help="Draft model: local folder or hub id."),
-    k: int = typer.Option(D.k, help=_help("k")),
-    lookahead: int = typer.Option(D.lookahead, help=_help("lookahead")),
-    draft_len: int = typer.Option(D.draft_len, help=_help("draft_len")),
-    tau_accept: float = typer.Option(D.tau_accept, help=_help("tau_accept")),
-    tau_reward: float = typer.Option(D.tau_reward, help=_help("tau_reward")),
-    reward_weight: float = typer.Option(D.reward_weight, help=_help("reward_weight")),
-    max_new_tokens: int = typer.Option(D.max_new_tokens, help=_help("max_new_tokens")),
+    target: str = TARGET,
+    draft: str = DRAFT,
+    k: int = _opt("k"),
+    lookahead: int = _opt("lookahead"),
+    draft_len: int = _opt("draft_len"),
+    tau_accept: float = _opt("tau_accept"),
+    tau_reward: float = _opt("tau_reward"),
+    reward_weight: float = _opt("reward_weight"),
+    max_new_tokens: int = _opt("max_new_tokens"),
 ) -> None:
     """Benchmark methods side by side (and optionally sweep CDSL's knobs); writes OUT/results.json."""
     from pathlib import Path
