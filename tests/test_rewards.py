@@ -58,5 +58,35 @@ def test_spec_builds_rewards():
     assert isinstance(RewardSpec(concepts=["dog"]).build(), Coverage)
     combined = RewardSpec(concepts=["dog"], regex="x").build()
     assert isinstance(combined, Combined) and isinstance(combined, Reward)
-    with pytest.raises(ValueError, match="concepts, keywords, regex"):
+    with pytest.raises(ValueError, match="concepts, keywords, regex, reward_model"):
         RewardSpec().build()
+
+
+def test_reward_model_reward(tmp_path):
+    """A tiny random sequence classifier behind the protocol: batched, in [0, 1], label-aware."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from cdsl.rewards import RewardModel
+
+    from .conftest import make_tokenizer
+
+    tok = make_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=tok.pad_token_id,
+                      id2label={0: "harmful", 1: "harmless"}, label2id={"harmful": 0, "harmless": 1})
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    items = [item("The dog throws a frisbee."), item("A cat"), item("Children threw stones into the river")]
+    rm = RewardModel(str(tmp_path), label="harmless", batch_size=2)
+    scores = rm.score(items)
+    assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores) and len(set(scores)) == 3
+    # batching does not change the scores
+    assert rm.score(items[2:]) == pytest.approx(scores[2:], abs=1e-5)
+    harmful = RewardModel(str(tmp_path), label="harmful").score(items)
+    assert [a + b for a, b in zip(scores, harmful)] == pytest.approx([1.0] * 3, abs=1e-5)
+    with pytest.raises(ValueError, match="not among the model's labels"):
+        RewardModel(str(tmp_path), label="toxic")
+    spec = RewardSpec(concepts=["dog"], reward_model=str(tmp_path), reward_model_label="harmless", combine="all")
+    combined = spec.build()
+    assert combined.score(items[:1])[0] == pytest.approx(min(1.0, scores[0]), abs=1e-5)
