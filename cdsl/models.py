@@ -122,6 +122,14 @@ class Decoder:
         self.logits = logits[0, -1]
         return logits[0]
 
+    def verify(self, new: list[int]) -> torch.Tensor:
+        """Append `new`; logits [len(new) + 1, V] predicting each new token and the one after."""
+        known = self.logits if self.n_cached == len(self.ids) else None
+        rows = self.step(new)
+        if known is not None:
+            rows = torch.cat([known[None], rows])
+        return rows[-(len(new) + 1):]
+
     def next_logits(self) -> torch.Tensor:
         """Logits [V] for the token after `ids`."""
         return self.step()[-1]

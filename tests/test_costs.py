@@ -95,3 +95,37 @@ def test_sampling_is_seeded(pairs):
     # speculative sampling with draft == target accepts every draft token
     same = run(target, target, "sd", temperature=1.0, seed=5, draft_len=3)
     assert same.stats.accepted == same.stats.drafted
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("tau_accept", [0.0, 0.25, 0.5, 0.75])
+def test_cdsl_partial_acceptance_policies(pairs, family, tau_accept):
+    """S1 with tau_a < 1 appends unverified draft tokens; the next round must still verify right."""
+    target, draft = pairs[family]
+    for tau_reward in (0.0, 1.0):
+        out = run(target, draft, "cdsl", tau_accept=tau_accept, tau_reward=tau_reward, draft_len=3)
+        s = out.stats
+        assert sum(s.states.values()) == s.rounds == len(s.state_trace) > 0
+        assert s.tokens > 0 and s.target_calls >= s.rounds
+        if tau_accept == 0.0:
+            assert s.states["S3"] == s.states["S4"] == 0
+
+
+def test_cdsl_accept_all_then_verify_matches_reference(pairs):
+    """After an S1 round that kept unverified tokens, the target's logits equal a fresh prefill."""
+    import torch
+
+    from cdsl.methods.context import Context
+    from cdsl.methods.speculative import commit_all, draft_and_verify
+    from cdsl.models import Decoder
+    from cdsl.stats import Stats
+
+    target, draft = pairs["llama"]
+    ctx = Context(PROMPT, target, draft, REWARD, DecodeConfig(method="cdsl", max_new_tokens=40))
+    for _ in range(4):
+        v = draft_and_verify(ctx, 4)
+        commit_all(ctx, v)
+        if ctx.finished:
+            break
+    fresh = Decoder(target, ctx.target.ids, Stats(), "target").next_logits()
+    assert torch.allclose(ctx.target.next_logits(), fresh, atol=1e-8)

@@ -46,7 +46,7 @@ def draft_and_verify(ctx: Context, d: int) -> Verified:
     """Draft d tokens, then one target call scores all of them."""
     tokens, draft_logits = draft(ctx, d)
     ctx.stats.drafted += len(tokens)
-    target_logits = ctx.target.step(tokens)[-(len(tokens) + 1):]
+    target_logits = ctx.target.verify(tokens)
     n, nxt = ctx.pick.verify(tokens, draft_logits, target_logits)
     ctx.stats.accepted += n
     return Verified(tokens, draft_logits, target_logits, n, nxt)
