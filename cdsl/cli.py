@@ -199,7 +199,12 @@ def bench(
     for d in results.values():
         d.pop("texts")
     main_results = {n: results[n] for n in runs}
+    import platform
+
+    import torch
+
     report = {"config": {"dataset": dataset, "n": len(sets), "target": target, "draft": draft, "progress": progress,
+                         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
                          **base.model_dump(mode="json", exclude={"method", "policy"})},
               "methods": main_results, "speedup_vs_cdlh": speedups(main_results),
               "sweep": {n: results[n] for n in sweep_runs}}
