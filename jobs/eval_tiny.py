@@ -117,8 +117,8 @@ Concept order is shuffled per example; the loss covers the sentence and EOS, not
 ## Sizes
 | model | parameters | layers x hidden | one-token forward on this CPU |
 |---|---|---|---|
-| target | {f["target_parameters_M"]:.1f}M | see target/config.json | {f["target_forward_ms"]:.2f} ms |
-| draft | {f["draft_parameters_M"]:.2f}M | see draft/config.json | {f["draft_forward_ms"]:.2f} ms |
+| target | {f["target_parameters_M"]:.1f}M | {f["target_shape"]} | {f["target_forward_ms"]:.2f} ms |
+| draft | {f["draft_parameters_M"]:.2f}M | {f["draft_shape"]} | {f["draft_forward_ms"]:.2f} ms |
 
 The draft has {f["target_parameters_M"] / f["draft_parameters_M"]:.0f}x fewer parameters; per forward pass on
 this 2-core CPU it is {f["target_forward_ms"] / f["draft_forward_ms"]:.1f}x cheaper (fixed per-call overhead
@@ -129,7 +129,7 @@ dominates tiny models on CPU, so the wall-time ratio is smaller than the FLOP ra
 
 ![loss](loss.png)
 
-## Figures on CommonGen dev (first {f["dev_rows"]} concept sets; `python -m jobs.eval_tiny`)
+## Figures on CommonGen dev ({f["dev_rows"]} concept sets; `python -m jobs.eval_tiny`, {f["threads"]} torch thread)
 | figure | value |
 |---|---|
 | target perplexity of the first human reference | {f["reference_perplexity"]:.1f} |
@@ -157,10 +157,12 @@ def main(
     torch.set_num_threads(threads)
     target, draft = load_pair(str(models / "target"), str(models / "draft"))
     rows = list(read_commongen_jsonl(dev))[: limit or None]
-    figures: dict = {"dev_rows": len(rows), "k": k, "lookahead": lookahead}
+    figures: dict = {"dev_rows": len(rows), "k": k, "lookahead": lookahead, "threads": threads}
     for name, lm in (("target", target), ("draft", draft)):
         figures[f"{name}_parameters_M"] = sum(p.numel() for p in lm.model.parameters()) / 1e6
         figures[f"{name}_forward_ms"] = forward_ms(lm)
+        cfg = lm.model.config
+        figures[f"{name}_shape"] = f"{cfg.num_hidden_layers} x {cfg.hidden_size}, vocab {cfg.vocab_size}"
     figures.update(teacher_forced(target, draft, rows))
     config = DecodeConfig(k=k, lookahead=lookahead, draft_len=4)
     results = run_methods([r["concepts"] for r in rows], ["greedy", "sd", "cdlh"], target, draft, config)
