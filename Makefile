@@ -30,6 +30,6 @@ clean:
 
 # The standard benchmark on CommonGen dev (refreshes the README table).
 BENCH_DATA ?= ../shared/data/commongen/dev.jsonl
-BENCH_LIMIT ?= 200
+BENCH_LIMIT ?= 100
 bench: $(STAMP)
 	$(VENV)/bin/cdsl bench --dataset $(BENCH_DATA) --limit $(BENCH_LIMIT) --out runs/bench --readme README.md

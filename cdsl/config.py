@@ -77,11 +77,11 @@ class DecodeConfig(_Strict):
     """Candidates per CDLH step (top-k of the target's next-token distribution)."""
     lookahead: int = Field(4, ge=1, le=64)
     """L: tokens rolled out after each CDLH candidate."""
-    draft_len: int = Field(4, ge=1, le=64)
+    draft_len: int = Field(5, ge=1, le=64)
     """d: tokens the draft model proposes per CDSL / SD round."""
     tau_accept: float = Field(0.5, ge=0.0, le=1.0)
     """tau_a: a draft whose acceptance n/d reaches this counts as on-target."""
-    tau_reward: float = Field(0.5, ge=0.0, le=1.0)
+    tau_reward: float = Field(1.0, ge=0.0, le=1.0)
     """tau_r: a draft whose reward reaches this counts as satisfying the constraint."""
     reward_weight: float = Field(5.0, ge=0.0)
     """lambda in score = log p(c) + lambda * R, for CDLH candidates."""
