@@ -12,7 +12,7 @@ from cdsl.config import BUNDLED, DecodeConfig, ModelConfig
 from cdsl.generate import generate as run_generate
 from cdsl.generate import load_pair
 from cdsl.methods import NEEDS_DRAFT, NEEDS_REWARD
-from cdsl.rewards import RewardSpec
+from cdsl.rewards import PROGRESS_MODES, RewardSpec
 from cdsl.tasks import commongen_prompt, parse_concepts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -154,7 +154,7 @@ def bench(
     sweep: str = typer.Option(None, help='CDSL grid, e.g. "tau_accept=0.5,1;tau_reward=0.5,1;draft_len=2,4".'),
     warmup: int = typer.Option(2, help="Concept sets run first and not counted."),
     readme: str = typer.Option(None, help="Also refresh the table between the bench markers of this file."),
-    progress: str = typer.Option("coverable", help="Coverage on unfinished text: coverable or fraction."),
+    progress: str = typer.Option("coverable", help="Coverage on unfinished text: coverable, pace or fraction."),
     target: str = TARGET,
     draft: str = DRAFT,
     k: int = _opt("k"),
@@ -188,8 +188,8 @@ def bench(
         fail(validation_message(err))
     except (OSError, ValueError) as err:
         fail(str(err))
-    if progress not in ("coverable", "fraction"):
-        fail(f"--progress must be coverable or fraction, got {progress!r}")
+    if progress not in PROGRESS_MODES:
+        fail(f"--progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
     results = run_bench(sets, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup, reward_progress=progress)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

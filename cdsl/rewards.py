@@ -19,6 +19,7 @@ from lemminflect import getAllInflections, getAllInflectionsOOV, getAllLemmas
 from pydantic import BaseModel, ConfigDict, Field
 
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+PROGRESS_MODES = ("fraction", "coverable", "pace")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class RewardInput:
     """True when the text ends after the continuation (EOS or token budget reached)."""
     budget: int = 0
     """Tokens still allowed after the continuation."""
+    length: int = 0
+    """Tokens generated so far, continuation included."""
 
     @property
     def text(self) -> str:
@@ -89,12 +92,14 @@ class Coverage:
     progress modes, for unfinished text:
     - "fraction": the plain fraction (low early in every sentence);
     - "coverable": 1 while the missing concepts still fit in the remaining budget
-      (`tokens_per_concept` each), else the fraction; final text gets the fraction.
+      (`tokens_per_concept` each), else the fraction; final text gets the fraction;
+    - "pace": 1 while the text keeps up a pace of one new concept per `tokens_per_concept`
+      tokens generated (and the missing ones still fit), else the fraction.
     """
 
     def __init__(self, concepts: Sequence[str], progress_mode: str = "coverable", tokens_per_concept: int = 3):
-        if progress_mode not in ("fraction", "coverable"):
-            raise ValueError(f"progress_mode must be 'fraction' or 'coverable', got {progress_mode!r}")
+        if progress_mode not in PROGRESS_MODES:
+            raise ValueError(f"progress_mode must be one of {PROGRESS_MODES}, got {progress_mode!r}")
         self.concepts = list(concepts)
         self.mode, self.tokens_per_concept = progress_mode, tokens_per_concept
 
@@ -106,10 +111,13 @@ class Coverage:
         if self.mode == "fraction":
             return scores
         out = []
+        n = len(self.concepts)
         for item, s in zip(batch, scores):
-            missing = round((1 - s) * len(self.concepts))
-            fits = missing * self.tokens_per_concept <= item.budget
-            out.append(s if item.final or not fits else 1.0)
+            missing = round((1 - s) * n)
+            ok = missing * self.tokens_per_concept <= item.budget
+            if self.mode == "pace":
+                ok = ok and n - missing >= min(n, item.length // self.tokens_per_concept)
+            out.append(s if item.final or not ok else 1.0)
         return out
 
 
@@ -171,7 +179,7 @@ class RewardSpec(BaseModel):
     """Local folder or hub id of a sequence-classification reward model."""
     reward_model_label: str | None = None
     """Label whose softmax probability is the reward; None: sigmoid of the first logit."""
-    progress: Literal["fraction", "coverable"] = "coverable"
+    progress: Literal["fraction", "coverable", "pace"] = "coverable"
     """How coverage judges unfinished text (see `Coverage`)."""
     combine: Literal["mean", "all"] = "mean"
     """How several constraints combine: weighted mean, or the weakest one."""

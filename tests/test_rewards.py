@@ -90,3 +90,15 @@ def test_reward_model_reward(tmp_path):
     spec = RewardSpec(concepts=["dog"], reward_model=str(tmp_path), reward_model_label="harmless", combine="all")
     combined = spec.build()
     assert combined.score(items[:1])[0] == pytest.approx(min(1.0, scores[0]), abs=1e-5)
+
+
+def test_coverage_pace_mode():
+    concepts = ["dog", "frisbee", "catch", "throw"]
+    pace = Coverage(concepts, "pace", tokens_per_concept=3)
+    on_pace = RewardInput("p", "A dog", " throws a", False, budget=30, length=6)  # 2 concepts by token 6
+    behind = RewardInput("p", "A man", " is in a", False, budget=30, length=6)  # 0 concepts by token 6
+    assert pace.progress([on_pace]) == [1.0]
+    assert pace.progress([behind]) == [0.0]
+    assert pace.progress([RewardInput("p", "", " A", False, budget=30, length=2)]) == [1.0]  # too early to judge
+    with pytest.raises(ValueError, match="progress_mode"):
+        Coverage(concepts, "gain")

@@ -83,7 +83,7 @@ class Context:
             kept, final = self.cut(cont)
             full = self.lm.decode(self.out + kept)
             items.append(RewardInput(self.prompt, prefix, full[len(prefix):], final,
-                                     max(0, self.budget - len(kept))))
+                                     max(0, self.budget - len(kept)), len(self.out) + len(kept)))
         return items
 
     def rewards(self, continuations: list[list[int]], progress: bool = False) -> torch.Tensor:
