@@ -108,6 +108,27 @@ def speedups(methods: dict[str, dict], ref: str = "cdlh") -> dict[str, float]:
     return {name: methods[ref]["wall_s"] / max(1e-9, d["wall_s"]) for name, d in methods.items()}
 
 
+def save_results(folder: Path, concept_sets: list[list[str]], results: dict[str, dict], main: list[str],
+                 setup: dict) -> dict:
+    """Write outputs.jsonl, results.json, report.md and plots; `main` names the method runs (the
+    rest are sweep points). Returns the results.json content."""
+    import platform
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "outputs.jsonl", "w") as f:
+        for i, concepts in enumerate(concept_sets):
+            f.write(json.dumps({"concepts": concepts, **{n: d["texts"][i] for n, d in results.items()}}) + "\n")
+    results = {n: {k: v for k, v in d.items() if k != "texts"} for n, d in results.items()}
+    methods = {n: results[n] for n in main}
+    report = {"config": {**setup, "n": len(concept_sets),
+                         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"},
+              "methods": methods, "speedup_vs_cdlh": speedups(methods),
+              "sweep": {n: d for n, d in results.items() if n not in methods}}
+    (folder / "results.json").write_text(json.dumps(report, indent=2))
+    write_report(folder, report)
+    return report
+
+
 def write_report(out: Path, results: dict) -> None:
     """report.md (a table) and the plots, from a results.json-shaped dict."""
     out.mkdir(parents=True, exist_ok=True)

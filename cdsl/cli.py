@@ -168,17 +168,17 @@ def bench(
     """Benchmark methods side by side (and optionally sweep CDSL's knobs); writes OUT/results.json."""
     from pathlib import Path
 
-    from cdsl.bench import load_dataset, parse_sweep, refresh_readme, run_bench, speedups, write_report
+    from cdsl.bench import load_dataset, parse_sweep, refresh_readme, report_table, run_bench, save_results
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    if progress not in PROGRESS_MODES:
+        fail(f"--progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
     try:
         base = DecodeConfig(k=k, lookahead=lookahead, draft_len=draft_len, tau_accept=tau_accept,
                             tau_reward=tau_reward, reward_weight=reward_weight, max_new_tokens=max_new_tokens)
-        runs = {m: base.model_copy(update={"method": m}) for m in names}
         if not names:
             fail("--methods is empty")
-        for m in names:
-            DecodeConfig(method=m)
+        runs = {m: DecodeConfig(**{**base.model_dump(), "method": m}) for m in names}
         grid = parse_sweep(sweep) if sweep else []
         sweep_runs = {"cdsl " + " ".join(f"{k_}={v}" for k_, v in g.items()):
                       DecodeConfig(**{**base.model_dump(), **g, "method": "cdsl"}) for g in grid}
@@ -188,30 +188,11 @@ def bench(
         fail(validation_message(err))
     except (OSError, ValueError) as err:
         fail(str(err))
-    if progress not in PROGRESS_MODES:
-        fail(f"--progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
     results = run_bench(sets, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup, reward_progress=progress)
+    setup = {"dataset": dataset, "target": target, "draft": draft, "progress": progress,
+             **base.model_dump(mode="json", exclude={"method", "policy"})}
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "outputs.jsonl", "w") as f:
-        for i, concepts in enumerate(sets):
-            f.write(json.dumps({"concepts": concepts, **{n: d["texts"][i] for n, d in results.items()}}) + "\n")
-    for d in results.values():
-        d.pop("texts")
-    main_results = {n: results[n] for n in runs}
-    import platform
-
-    import torch
-
-    report = {"config": {"dataset": dataset, "n": len(sets), "target": target, "draft": draft, "progress": progress,
-                         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-                         **base.model_dump(mode="json", exclude={"method", "policy"})},
-              "methods": main_results, "speedup_vs_cdlh": speedups(main_results),
-              "sweep": {n: results[n] for n in sweep_runs}}
-    (folder / "results.json").write_text(json.dumps(report, indent=2))
-    write_report(folder, report)
-    from cdsl.bench import report_table
-
+    report = save_results(folder, sets, results, list(runs), setup)
     typer.echo(report_table(report))
     if readme:
         refresh_readme(Path(readme), report)
