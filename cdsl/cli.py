@@ -105,6 +105,9 @@ def generate(
 @app.callback()
 def main() -> None:
     """Constrained decoding with speculative lookaheads."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stdout/stderr to what the command prints
 
 
 @app.command()
