@@ -124,8 +124,13 @@ class Coverage:
 class Keywords(Coverage):
     """Given keywords present verbatim (whole words or phrases, case-insensitive)."""
 
+    def __init__(self, keywords: Sequence[str], progress_mode: str = "coverable", tokens_per_concept: int = 3):
+        super().__init__(keywords, progress_mode, tokens_per_concept)
+        # compiled once: score runs on every CDLH candidate
+        self.patterns = [re.compile(r"(?<![A-Za-z])" + re.escape(k) + r"(?![A-Za-z])", re.I) for k in self.concepts]
+
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
-        pats = [re.compile(r"(?<![A-Za-z])" + re.escape(k) + r"(?![A-Za-z])", re.I) for k in self.concepts]
+        pats = self.patterns
         return [sum(bool(p.search(item.text)) for p in pats) / len(pats) for item in batch]
 
 

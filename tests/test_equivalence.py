@@ -4,7 +4,7 @@ import pytest
 
 from cdsl.config import DecodeConfig
 from cdsl.generate import generate
-from cdsl.rewards import Coverage
+from cdsl.rewards import Coverage, RewardInput
 
 from .conftest import FAMILIES
 
@@ -47,10 +47,7 @@ def test_lookahead_changes_the_choice(pairs):
     cfg = dict(max_new_tokens=16, k=8, lookahead=4)
     plain = generate(prompt, target, None, None, DecodeConfig(method="greedy", max_new_tokens=16))
     steered = generate(prompt, target, None, reward, DecodeConfig(method="cdlh", reward_weight=100.0, **cfg))
-    final = reward.score
-    from cdsl.rewards import RewardInput
-
-    r_plain = final([RewardInput(prompt, plain.text, final=True)])[0]
-    r_steered = final([RewardInput(prompt, steered.text, final=True)])[0]
+    r_plain, r_steered = reward.score([RewardInput(prompt, plain.text, final=True),
+                                       RewardInput(prompt, steered.text, final=True)])
     assert r_steered >= r_plain
     assert steered.token_ids != plain.token_ids
