@@ -115,9 +115,9 @@ def test_cdsl_accept_all_then_verify_matches_reference(pairs):
     """After an S1 round that kept unverified tokens, the target's logits equal a fresh prefill."""
     import torch
 
+    from cdsl.decoder import Decoder
     from cdsl.methods.context import Context
     from cdsl.methods.speculative import commit_all, draft_and_verify
-    from cdsl.models import Decoder
     from cdsl.stats import Stats
 
     target, draft = pairs["llama"]

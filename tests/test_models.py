@@ -39,7 +39,7 @@ def test_crop_and_rollout_keep_cache_consistent(pairs):
     """Decoding after truncation/adoption gives the same logits as a fresh prefill."""
     import torch
 
-    from cdsl.models import Decoder
+    from cdsl.decoder import Decoder
     from cdsl.stats import Stats
 
     target, _ = pairs["qwen2"]

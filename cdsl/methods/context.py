@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cdsl.config import DecodeConfig
-from cdsl.models import LM, Decoder
+from cdsl.decoder import Decoder, Runner
+from cdsl.models import LM, Codec
 from cdsl.rewards import Reward, RewardInput
 from cdsl.sampling import Picker
 from cdsl.stats import Stats
@@ -31,19 +32,25 @@ class Context:
     """One generation in flight. `out` is the emitted text's token ids; each decoder's `ids`
     is prompt + out (+ speculative tokens inside a round)."""
 
-    def __init__(self, prompt: str, target: LM, draft: LM | None, reward: Reward | None,
-                 config: DecodeConfig) -> None:
+    def __init__(self, prompt: str, target: LM | Runner, draft: LM | Runner | None, reward: Reward | None,
+                 config: DecodeConfig, codec: Codec | None = None, key: str = "seq",
+                 out: list[int] = (), stats: Stats | None = None) -> None:
+        """`target`/`draft`: a model in this process, or a `Runner` that reaches one elsewhere
+        (then `codec` is the shared tokenizer). `key` names this generation's caches; `out`
+        resumes after tokens already emitted, adding to `stats`."""
         self.prompt, self.config, self.reward = prompt, config, reward
-        self.stats = Stats()
+        self.stats = stats or Stats()
         self.pick = Picker(config.temperature, config.seed)
-        self.lm = target
-        ids = target.encode(prompt) or [target.eos_id]
-        self.target = Decoder(target, ids, self.stats, "target")
-        self.draft = Decoder(draft, ids, self.stats, "draft") if draft is not None else None
+        self.lm = codec or target
+        ids = self.lm.encode(prompt) or [self.lm.eos_id]
         self.n_prompt = len(ids)
-        self.eos = target.eos_id
-        self.out: list[int] = []
+        self.out: list[int] = list(out)
+        self.target = Decoder(target, ids + self.out, self.stats, "target", key)
+        self.draft = Decoder(draft, ids + self.out, self.stats, "draft", key) if draft is not None else None
+        self.eos = self.lm.eos_id
         self.finish_reason: str | None = None
+        self.on_emit = None
+        """Called with each batch of newly emitted token ids (streaming)."""
 
     @property
     def finished(self) -> bool:
@@ -60,15 +67,18 @@ class Context:
 
     def emit(self, tokens: list[int]) -> None:
         """Append tokens to the output, stopping at EOS or the token budget."""
+        start = len(self.out)
         for tok in tokens:
             if tok == self.eos:
                 self.finish_reason = "eos"
-                return
+                break
             self.out.append(tok)
             self.stats.tokens += 1
             if self.budget <= 0:
                 self.finish_reason = "length"
-                return
+                break
+        if self.on_emit is not None and len(self.out) > start:
+            self.on_emit(self.out[start:])
 
     def cut(self, tokens: list[int]) -> tuple[list[int], bool]:
         """Tokens up to (not including) EOS, and whether the text ends with them."""
@@ -93,6 +103,12 @@ class Context:
             scores = self.reward.progress(items) if progress else self.reward.score(items)
         self.stats.reward_calls += len(items)
         return torch.tensor(scores, dtype=torch.float32)
+
+    def close(self) -> None:
+        """Free the caches this generation holds."""
+        for dec in (self.target, self.draft):
+            if dec is not None:
+                dec.close()
 
     def result(self) -> Generation:
         return Generation(self.lm.decode(self.out), list(self.out), self.finish_reason or "length", self.stats)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from cdsl.decoder import Decoder
 from cdsl.methods.context import Context
-from cdsl.models import Decoder
 
 
 def cdlh_step(ctx: Context, logits: torch.Tensor, roller: Decoder) -> int:

@@ -1,0 +1,138 @@
+"""One sequence's view of a model: its token ids, how many are cached, and the next logits.
+
+The cache itself lives wherever the `Runner` keeps it (a `SeqStore` in this process, or a Ray
+worker), under this decoder's key; only token ids go out and logits come back. Tokens appended
+but not yet run through the model are "pending": the next call feeds them with any new ones, so
+the first call of a generation is the prefill. Cropping and adopting a rollout row cost no call:
+they travel with the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from cdsl.models import LM
+from cdsl.stats import Stats
+from cdsl.store import Run, SeqStore
+
+
+class Runner(Protocol):
+    """Where a decoder's forwards go."""
+
+    def run(self, call: Run) -> torch.Tensor:
+        """Logits of one `Run` ([rows, T, V], or [rows, V] when `last_only`)."""
+        ...
+
+    def release(self, key: str) -> None:
+        """Free the caches of `key` and its rollouts."""
+        ...
+
+
+class LocalRunner:
+    """Runs each call at once on a store in this process."""
+
+    def __init__(self, store: SeqStore) -> None:
+        self.store = store
+
+    def run(self, call: Run) -> torch.Tensor:
+        (out,) = self.store.run([call])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def release(self, key: str) -> None:
+        self.store.release(key)
+
+
+@dataclass
+class Rollout:
+    """k candidate tokens, each followed by `steps` rolled-out tokens, in a forked cache."""
+
+    candidates: list[int]
+    tokens: torch.Tensor
+    """[k, steps] rolled-out tokens after each candidate."""
+    first_logits: torch.Tensor
+    """[k, V] next-token logits right after each candidate."""
+    key: str
+    """The forked cache, one row per candidate."""
+
+
+class Decoder:
+    """One sequence on one model: token ids, a cache over a prefix of them, call accounting."""
+
+    def __init__(self, source: LM | Runner, ids: list[int], stats: Stats, role: str, key: str = "seq") -> None:
+        self.runner: Runner = LocalRunner(SeqStore(source)) if isinstance(source, LM) else source
+        self.stats, self.role, self.key = stats, role, key
+        self.ids = list(ids)
+        self.n_cached = 0
+        self.logits: torch.Tensor | None = None
+        self._moves: list[tuple[str, str, int]] = []
+        self._rollouts = 0
+
+    def _run(self, key: str, tokens: list[list[int]], keep: int, fork: str | None = None,
+             last_only: bool = False) -> torch.Tensor:
+        call = Run(key, tokens, keep, self._moves, fork, last_only)
+        self._moves = []
+        with self.stats.timed(self.role):
+            logits = self.runner.run(call)
+        setattr(self.stats, f"{self.role}_calls", getattr(self.stats, f"{self.role}_calls") + 1)
+        return logits
+
+    def step(self, new: list[int] = ()) -> torch.Tensor:
+        """Append `new`, run every uncached token; logits [T, V] for the positions fed."""
+        self.ids.extend(new)
+        fed = self.ids[self.n_cached:]
+        if not fed:
+            return self.logits[None]
+        logits = self._run(self.key, [fed], self.n_cached)[0]
+        self.n_cached = len(self.ids)
+        self.logits = logits[-1]
+        return logits
+
+    def verify(self, new: list[int]) -> torch.Tensor:
+        """Append `new`; logits [len(new) + 1, V] predicting each new token and the one after."""
+        known = self.logits if self.n_cached == len(self.ids) else None
+        rows = self.step(new)
+        if known is not None:
+            rows = torch.cat([known[None], rows])
+        return rows[-(len(new) + 1):]
+
+    def next_logits(self) -> torch.Tensor:
+        """Logits [V] for the token after `ids`."""
+        return self.step()[-1]
+
+    def truncate(self, length: int, logits: torch.Tensor | None = None) -> None:
+        """Keep the first `length` tokens (the cache is cropped by the next call). `logits`, the
+        known next-token logits after them, saves a call; without it the last token stays pending."""
+        del self.ids[length:]
+        if length < self.n_cached or (length == self.n_cached and self.logits is None):
+            self.n_cached = length if logits is not None else length - 1
+            self.logits = logits
+
+    def rollout(self, candidates: list[int], steps: int, pick) -> Rollout:
+        """Roll each candidate out `steps` tokens in one batched call per step, forking the
+        prefix cache. `pick(logits [k, V]) -> [k]` chooses each next token."""
+        self.next_logits()  # the prefix must be fully cached before it is shared
+        self._rollouts += 1
+        key, base = f"{self.key}:rollout{self._rollouts}", self.n_cached
+        feed, out, first = [[c] for c in candidates], [], None
+        for i in range(steps):
+            logits = self._run(key, feed, base + i, fork=self.key if i == 0 else None, last_only=True)
+            first = logits if first is None else first
+            picked = pick(logits)
+            out.append(picked[:, None])
+            feed = picked[:, None].tolist()
+        return Rollout(list(candidates), torch.cat(out, dim=1), first, key)
+
+    def adopt(self, rollout: Rollout, row: int) -> None:
+        """Continue from candidate `row` of a rollout: its cache row replaces this one's."""
+        self._moves.append((self.key, rollout.key, row))
+        self.ids.append(rollout.candidates[row])
+        self.n_cached, self.logits = len(self.ids), rollout.first_logits[row]
+
+    def close(self) -> None:
+        """Free this sequence's caches wherever they live."""
+        self.runner.release(self.key)

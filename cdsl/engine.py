@@ -1,0 +1,273 @@
+"""Many generations at once: each request runs the plain method code in its own thread, and every
+model or reward call it makes joins a per-phase `Batcher`, which answers all waiting calls of
+that phase with one batched call. Target, draft and reward phases run side by side, so while the
+target verifies one batch the draft drafts the next and the reward scores another.
+
+What answers a phase is an `Executor`: in this process a `SeqStore` or `RewardTable`; in
+`actors/` a Ray worker with the same interface. The engine never knows which.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+
+from cdsl.config import DecodeConfig
+from cdsl.generate import check_inputs
+from cdsl.methods import METHODS, Context, Generation
+from cdsl.models import LM, Codec
+from cdsl.rewards import Reward, RewardInput, RewardSpec
+from cdsl.store import CacheLost, SeqStore
+
+
+class WorkerLost(RuntimeError):
+    """A worker died and took its caches with it; the engine re-runs the request from its
+    last emitted token."""
+
+
+class Executor(Protocol):
+    def execute(self, calls: list[Any], released: list[str]) -> list[Any]:
+        """Free the `released` keys, then answer `calls` in order, as one batch."""
+        ...
+
+
+@dataclass
+class Request:
+    """One generation asked of the engine."""
+
+    prompt: str
+    config: DecodeConfig = field(default_factory=DecodeConfig)
+    reward: RewardSpec | None = None
+    """The constraints; needed by cdlh, cdlh-appx and cdsl."""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class RewardCall:
+    spec: RewardSpec
+    items: tuple[RewardInput, ...]
+    progress: bool
+
+
+@lru_cache(maxsize=1024)
+def _built(spec_json: str) -> Reward:
+    return RewardSpec.model_validate_json(spec_json).build()
+
+
+class RewardTable:
+    """Scores reward calls of many requests, building each request's reward once."""
+
+    def execute(self, calls: list[RewardCall], released: list[str]) -> list[list[float]]:
+        out = []
+        for call in calls:
+            reward = _built(call.spec.model_dump_json())
+            out.append(reward.progress(call.items) if call.progress else reward.score(call.items))
+        return out
+
+
+class Batcher:
+    """Gathers the calls of many request threads into one executor call per batch."""
+
+    def __init__(self, name: str, executor: Executor, expected: Callable[[], int], window_s: float = 0.002) -> None:
+        self.name, self.executor, self.expected, self.window_s = name, executor, expected, window_s
+        self.pending = 0
+        """Calls queued or executing (each waiting request holds at most one)."""
+        self.busy_s, self.batches, self.calls = 0.0, 0, 0
+        self._queue: queue.Queue = queue.Queue()
+        self._released: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def run(self, call: Any) -> Any:
+        fut: Future = Future()
+        with self._lock:
+            self.pending += 1
+        self._queue.put((call, fut))
+        try:
+            return fut.result()
+        finally:
+            with self._lock:
+                self.pending -= 1
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._released.append(key)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _gather(self, first) -> list:
+        batch = [first]
+        deadline = time.monotonic() + self.window_s
+        while True:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            # wait briefly only while requests that could still join are not yet here
+            if len(batch) >= self.expected() or time.monotonic() >= deadline:
+                return batch
+            time.sleep(0.0002)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._released:
+                    self._execute([])
+                continue
+            if item is None:
+                return
+            self._execute(self._gather(item))
+
+    def _execute(self, batch: list) -> None:
+        with self._lock:
+            released, self._released = self._released, []
+        start = time.perf_counter()
+        try:
+            results = self.executor.execute([call for call, _ in batch], released)
+        except BaseException as err:  # every waiting request must hear of it
+            for _, fut in batch:
+                fut.set_exception(err)
+            return
+        finally:
+            self.busy_s += time.perf_counter() - start
+            self.batches += bool(batch)
+            self.calls += len(batch)
+        for (_, fut), result in zip(batch, results):
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+    def utilisation(self, wall_s: float) -> dict:
+        return {"busy_share": self.busy_s / wall_s if wall_s else 0.0, "batches": self.batches,
+                "calls": self.calls, "mean_batch": self.calls / self.batches if self.batches else 0.0}
+
+
+class BatchedReward:
+    """The `Reward` protocol for one request, answered through the reward batcher."""
+
+    def __init__(self, batcher: Batcher, spec: RewardSpec) -> None:
+        self.batcher, self.spec = batcher, spec
+
+    def score(self, batch: Sequence[RewardInput]) -> list[float]:
+        return self.batcher.run(RewardCall(self.spec, tuple(batch), False))
+
+    def progress(self, batch: Sequence[RewardInput]) -> list[float]:
+        return self.batcher.run(RewardCall(self.spec, tuple(batch), True))
+
+
+class Engine:
+    """Runs many requests at once over three executors (target, draft, reward)."""
+
+    def __init__(self, codec: Codec, target: Executor, draft: Executor | None = None,
+                 reward: Executor | None = None, window_s: float = 0.002, max_retries: int = 3) -> None:
+        self.codec, self.max_retries = codec, max_retries
+        self.active = 0
+        self._lock = threading.Lock()
+        self._attempts = itertools.count()
+        self.started = time.perf_counter()
+        self.phases = {name: Batcher(name, ex, self._expected(name), window_s)
+                       for name, ex in [("target", target), ("draft", draft), ("reward", reward or RewardTable())]
+                       if ex is not None}
+        self.retries = 0
+
+    def _expected(self, name: str) -> Callable[[], int]:
+        def expected() -> int:
+            elsewhere = sum(b.pending for n, b in self.phases.items() if n != name)
+            return max(1, self.active - elsewhere)
+        return expected
+
+    def generate(self, request: Request, on_emit: Callable[[list[int]], None] | None = None) -> Generation:
+        """Run one request to the end (blocking; call from many threads at once)."""
+        config = request.config
+        check_inputs(config, "draft" in self.phases, request.reward is not None)
+        reward = BatchedReward(self.phases["reward"], request.reward) if request.reward else None
+        with self._lock:
+            self.active += 1
+        start, out, stats = time.perf_counter(), [], None
+        try:
+            for attempt in range(self.max_retries + 1):
+                ctx = Context(request.prompt, self.phases["target"], self.phases.get("draft"), reward, config,
+                              codec=self.codec, key=f"{request.id}#{next(self._attempts)}", out=out, stats=stats)
+                ctx.on_emit = on_emit
+                try:
+                    METHODS[config.method](ctx)
+                    break
+                except (WorkerLost, CacheLost):
+                    if attempt == self.max_retries:
+                        raise
+                    out, stats = list(ctx.out), ctx.stats  # resume from the last emitted token
+                    self.retries += 1
+                finally:
+                    ctx.close()
+        finally:
+            with self._lock:
+                self.active -= 1
+        ctx.stats.time_total = time.perf_counter() - start
+        return ctx.result()
+
+    def generate_many(self, requests: Sequence[Request], concurrency: int = 64) -> list[Generation]:
+        """All requests, up to `concurrency` in flight; results in input order."""
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            return list(pool.map(self.generate, requests))
+
+    def stream(self, request: Request) -> Iterator[str]:
+        """Text pieces as they are emitted; the last item is the `Generation`."""
+        pieces: queue.Queue = queue.Queue()
+        emitted: list[int] = []
+        sent = ""
+
+        def on_emit(tokens: list[int]) -> None:
+            nonlocal sent
+            emitted.extend(tokens)
+            # a character split across tokens decodes as U+FFFD until its last byte arrives
+            text = self.codec.decode(emitted).rstrip("\ufffd")
+            if len(text) > len(sent) and text.startswith(sent):
+                pieces.put(text[len(sent):])
+                sent = text
+
+        def work() -> None:
+            try:
+                result = self.generate(request, on_emit)
+                if len(result.text) > len(sent):
+                    pieces.put(result.text[len(sent):])
+                pieces.put(result)
+            except BaseException as err:
+                pieces.put(err)
+
+        threading.Thread(target=work, daemon=True).start()
+        while True:
+            item = pieces.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Generation):
+                return
+
+    def utilisation(self) -> dict:
+        """Per phase: share of wall time busy, batches, calls, mean batch size."""
+        wall = time.perf_counter() - self.started
+        return {name: b.utilisation(wall) for name, b in self.phases.items()}
+
+    def close(self) -> None:
+        for b in self.phases.values():
+            b.close()
+
+
+def local_engine(target: LM, draft: LM | None = None, window_s: float = 0.002) -> Engine:
+    """An engine whose executors are stores in this process over `target` and `draft`."""
+    return Engine(target, SeqStore(target), SeqStore(draft) if draft is not None else None, RewardTable(), window_s)

@@ -1,0 +1,161 @@
+"""KV caches of many sequences on one model, and one batched forward over any mix of them.
+
+A `SeqStore` keeps each sequence's cache under a string key, so the model can live in another
+process (a Ray worker) and only token ids and logits cross the boundary. A `Run` is one
+sequence's share of a forward: crop its cache, maybe fork or adopt another cache first, feed
+some tokens. `SeqStore.run` executes a list of runs as ONE forward: caches of different lengths
+are left-padded into one batch, new tokens right-padded, an attention mask hides the padding and
+position ids keep each row's own positions, so every row computes what it would have alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from cdsl.models import LM
+
+
+class CacheLost(RuntimeError):
+    """A call continues a cache this store does not hold (its worker restarted): the request
+    must start again from its emitted tokens."""
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer (keys, values), each [rows, heads, length, head_dim]."""
+
+
+@dataclass
+class Run:
+    """One sequence's share of a batched forward."""
+
+    key: str
+    """Cache to extend (created empty on first use)."""
+    tokens: list[list[int]]
+    """Tokens to feed: one list per cache row, all the same length."""
+    keep: int
+    """Crop the cache to this many tokens before feeding (after `moves` and `fork`)."""
+    moves: list[tuple[str, str, int]] = field(default_factory=list)
+    """(dst, src, row), applied first: dst becomes row `row` of src's cache, src is dropped."""
+    fork: str | None = None
+    """Start `key` as this cache repeated once per row of `tokens` (a rollout)."""
+    last_only: bool = False
+    """Return only the last position's logits."""
+
+
+def _crop(kv: KV | None, length: int) -> KV | None:
+    if kv is None or length == 0:
+        return None
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
+
+
+def _length(kv: KV | None) -> int:
+    return 0 if kv is None else kv[0][0].shape[2]
+
+
+def _pad_left(kv: KV | None, rows: int, pad: int, like: KV) -> KV:
+    """`kv` with `pad` zero positions in front (all zeros when `kv` is None)."""
+    out = []
+    for i, (k0, _) in enumerate(like):
+        shape = (rows, k0.shape[1], pad + _length(kv), k0.shape[3])
+        if kv is None:
+            z = k0.new_zeros(shape)
+            out.append((z, z.clone()))
+            continue
+        k, v = kv[i]
+        zeros = k.new_zeros((rows, k.shape[1], pad, k.shape[3]))
+        out.append((torch.cat([zeros, k], 2), torch.cat([zeros, v], 2)))
+    return out
+
+
+class SeqStore:
+    """Caches by key on one LM; `run` answers a batch of `Run`s with one forward."""
+
+    def __init__(self, lm: LM) -> None:
+        self.lm = lm
+        self.caches: dict[str, KV | None] = {}
+
+    def _prepare(self, run: Run) -> KV | None:
+        for dst, src, row in run.moves:
+            if src not in self.caches:
+                raise CacheLost(f"cache {src!r} is gone")
+            kv = self.caches.pop(src)
+            self.caches[dst] = None if kv is None else [(k[row:row + 1], v[row:row + 1]) for k, v in kv]
+        if run.fork is not None:
+            if run.fork not in self.caches:
+                raise CacheLost(f"cache {run.fork!r} is gone")
+            base = _crop(self.caches.get(run.fork), run.keep)
+            n = len(run.tokens)
+            return None if base is None else [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in base]
+        kv = self.caches.get(run.key)
+        if run.keep > _length(kv):
+            raise CacheLost(f"cache {run.key!r} holds {_length(kv)} tokens, asked to keep {run.keep}")
+        return _crop(kv, run.keep)
+
+    def run(self, runs: list[Run]) -> list[torch.Tensor | CacheLost]:
+        """Execute `runs` as one forward; logits per run, [rows, T, V] ([rows, V] if last_only).
+        A run whose cache is gone gets a `CacheLost` in its place and the others still run."""
+        ready, results = [], []
+        for r in runs:
+            try:
+                ready.append((r, self._prepare(r)))
+                results.append(None)
+            except CacheLost as err:
+                results.append(err)
+        done = iter(self._forward([r for r, _ in ready], [kv for _, kv in ready]) if ready else [])
+        return [next(done) if res is None else res for res in results]
+
+    @torch.inference_mode()
+    def _forward(self, runs: list[Run], caches: list[KV | None]) -> list[torch.Tensor]:
+        rows = [len(r.tokens) for r in runs]
+        lens = [_length(kv) for kv in caches]
+        widths = [len(r.tokens[0]) for r in runs]
+        past, width = max(lens), max(widths)
+        ids = torch.zeros(sum(rows), width, dtype=torch.long)
+        mask = torch.zeros(sum(rows), past + width, dtype=torch.long)
+        pos = torch.zeros(sum(rows), width, dtype=torch.long)
+        start = 0
+        for r, n, p, w in zip(runs, rows, lens, widths):
+            ids[start:start + n, :w] = torch.tensor(r.tokens)
+            mask[start:start + n, past - p:past + w] = 1
+            pos[start:start + n] = torch.arange(p, p + width)
+            start += n
+        like = next((kv for kv in caches if kv is not None), None)
+        cache = DynamicCache()
+        if like is not None:
+            padded = [_pad_left(kv, n, past - p, like) for kv, n, p in zip(caches, rows, lens)]
+            cache = DynamicCache(ddp_cache_data=[
+                (torch.cat([kv[i][0] for kv in padded]), torch.cat([kv[i][1] for kv in padded]))
+                for i in range(len(like))
+            ])
+        dev = self.lm.device
+        extra = {}
+        if bool((mask == 0).any()):  # padding to hide; without it the model's own causal path is faster
+            extra = {"attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
+        out = self.lm.model(input_ids=ids.to(dev), past_key_values=cache, use_cache=True, **extra)
+        logits = out.logits[..., : self.lm.vocab_size].float().cpu()
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        results, start = [], 0
+        for r, n, p, w in zip(runs, rows, lens, widths):
+            block = slice(start, start + n)
+            self.caches[r.key] = [(k[block, :, past - p:past + w], v[block, :, past - p:past + w])
+                                  for k, v in layers]
+            results.append(logits[block, w - 1] if r.last_only else logits[block, :w])
+            start += n
+        return results
+
+    def execute(self, calls: list[Run], released: list[str]) -> list[torch.Tensor]:
+        """Free `released` keys, then answer `calls` as one batch (the engine's executor interface)."""
+        for key in released:
+            self.release(key)
+        return self.run(calls) if calls else []
+
+    def release(self, key: str) -> None:
+        """Drop `key` and every cache forked from it (keys starting with `key` + ":")."""
+        for name in [k for k in self.caches if k == key or k.startswith(key + ":")]:
+            del self.caches[name]
+
+    def __len__(self) -> int:
+        return len(self.caches)
