@@ -55,19 +55,29 @@ def _length(kv: KV | None) -> int:
     return 0 if kv is None else kv[0][0].shape[2]
 
 
-def _pad_left(kv: KV | None, rows: int, pad: int, like: KV) -> KV:
-    """`kv` with `pad` zero positions in front (all zeros when `kv` is None)."""
+def _merge(caches: list[KV | None], rows: list[int], past: int) -> KV:
+    """One batch cache: each entry's rows copied once, right-aligned at `past` (zeros in front)."""
+    like = next(kv for kv in caches if kv is not None)
     out = []
-    for i, (k0, _) in enumerate(like):
-        shape = (rows, k0.shape[1], pad + _length(kv), k0.shape[3])
-        if kv is None:
-            z = k0.new_zeros(shape)
-            out.append((z, z.clone()))
-            continue
-        k, v = kv[i]
-        zeros = k.new_zeros((rows, k.shape[1], pad, k.shape[3]))
-        out.append((torch.cat([zeros, k], 2), torch.cat([zeros, v], 2)))
+    for layer in range(len(like)):
+        k0 = like[layer][0]
+        keys = k0.new_zeros((sum(rows), k0.shape[1], past, k0.shape[3]))
+        values = torch.zeros_like(keys)
+        start = 0
+        for kv, n in zip(caches, rows):
+            if kv is not None:
+                k, v = kv[layer]
+                keys[start:start + n, :, past - k.shape[2]:] = k  # broadcasts a fork's expanded row
+                values[start:start + n, :, past - k.shape[2]:] = v
+            start += n
+        out.append((keys, values))
     return out
+
+
+def _width_class(width: int) -> int:
+    """Runs are batched with others of similar width: padding a one-token rollout row to a
+    prompt's length would cost more than a separate forward."""
+    return 0 if width == 1 else width.bit_length()
 
 
 class SeqStore:
@@ -97,15 +107,17 @@ class SeqStore:
     def run(self, runs: list[Run]) -> list[torch.Tensor | CacheLost]:
         """Execute `runs` as one forward; logits per run, [rows, T, V] ([rows, V] if last_only).
         A run whose cache is gone gets a `CacheLost` in its place and the others still run."""
-        ready, results = [], []
-        for r in runs:
+        results: list = [None] * len(runs)
+        groups: dict[int, list[tuple[int, Run, KV | None]]] = {}
+        for i, r in enumerate(runs):
             try:
-                ready.append((r, self._prepare(r)))
-                results.append(None)
+                groups.setdefault(_width_class(len(r.tokens[0])), []).append((i, r, self._prepare(r)))
             except CacheLost as err:
-                results.append(err)
-        done = iter(self._forward([r for r, _ in ready], [kv for _, kv in ready]) if ready else [])
-        return [next(done) if res is None else res for res in results]
+                results[i] = err
+        for group in groups.values():
+            for (i, _, _), out in zip(group, self._forward([r for _, r, _ in group], [kv for _, _, kv in group])):
+                results[i] = out
+        return results
 
     @torch.inference_mode()
     def _forward(self, runs: list[Run], caches: list[KV | None]) -> list[torch.Tensor]:
@@ -122,14 +134,12 @@ class SeqStore:
             mask[start:start + n, past - p:past + w] = 1
             pos[start:start + n] = torch.arange(p, p + width)
             start += n
-        like = next((kv for kv in caches if kv is not None), None)
-        cache = DynamicCache()
-        if like is not None:
-            padded = [_pad_left(kv, n, past - p, like) for kv, n, p in zip(caches, rows, lens)]
-            cache = DynamicCache(ddp_cache_data=[
-                (torch.cat([kv[i][0] for kv in padded]), torch.cat([kv[i][1] for kv in padded]))
-                for i in range(len(like))
-            ])
+        if past == 0:
+            cache = DynamicCache()
+        elif len(runs) == 1 and rows[0] == 1:
+            cache = DynamicCache(ddp_cache_data=caches[0])
+        else:
+            cache = DynamicCache(ddp_cache_data=_merge(caches, rows, past))
         dev = self.lm.device
         extra = {}
         if bool((mask == 0).any()):  # padding to hide; without it the model's own causal path is faster

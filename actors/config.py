@@ -1,0 +1,65 @@
+"""How the Ray pipeline is laid out: models, tensor parallelism, resources, batching.
+
+The custom resource names here (`DRAFT_RESOURCE`, `TARGET_RESOURCE`) are the one place the
+actors, the cluster configs in `cluster/` and `ray_config.yaml` take them from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from cdsl.config import BUNDLED, DecodeConfig, ModelConfig
+
+DRAFT_RESOURCE = "draft_gpu"
+"""Custom resource a node advertises to host draft workers (cheap GPUs)."""
+TARGET_RESOURCE = "target_gpu"
+"""Custom resource a node advertises per large GPU, one per tensor-parallel rank."""
+
+
+class PipelineConfig(BaseModel):
+    """The Ray pipeline: which models, how the target is split, where each worker may run."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    target: ModelConfig = Field(default_factory=lambda: ModelConfig(path=str(BUNDLED / "target")))
+    """The large model; verifies drafts and proposes CDLH candidates."""
+    draft: ModelConfig | None = Field(default_factory=lambda: ModelConfig(path=str(BUNDLED / "draft")))
+    """The small model that writes lookaheads; None for greedy/cdlh-only pipelines."""
+    target_tp: int = Field(1, ge=1, le=64)
+    """Tensor-parallel size of the target: that many Ray actors form one DeepSpeed AutoTP group."""
+    placement: Literal["auto", "required", "off"] = "auto"
+    """Custom resources: "required" always asks for `draft_gpu`/`target_gpu` (pending until a node
+    offers them), "auto" asks only if the cluster has them, "off" never asks."""
+    draft_num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs (or a fraction) per draft worker; 0 on CPU."""
+    target_num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs per target rank; 0 on CPU (DeepSpeed then uses gloo instead of nccl)."""
+    cpus_per_worker: float = Field(1.0, ge=0.0)
+    """CPUs reserved per model worker (and per target rank)."""
+    max_restarts: int = Field(4, ge=-1)
+    """Restarts Ray grants a dead worker (-1: unlimited); its requests resume from their last token."""
+    max_retries: int = Field(3, ge=0)
+    """Times one request is resumed after a lost worker before it fails."""
+    window_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    """Longest a phase waits for more requests to join a batch."""
+    max_concurrency: int = Field(256, ge=1)
+    """Requests the coordinator runs at once."""
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    """Defaults for requests that do not set their own."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
+        """The `cdsl:` section of a config such as ray_config.yaml (relative model paths are
+        taken from the current directory)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {err}") from err
+        return cls.model_validate(data.get("cdsl", {}))

@@ -1,0 +1,223 @@
+"""The CDSL pipeline on Ray: a coordinator actor drives `cdsl.engine.Engine` over remote workers.
+
+    draft worker  (draft_gpu)  <-+
+    target group  (target_gpu) <-+- Coordinator (Engine: one batcher per phase) <- Pipeline / Serve
+    reward worker              <-+
+
+Only token ids, logits and reward scores cross process boundaries; KV caches stay in the
+workers under request ids. Draft and reward workers are restarted by Ray (`max_restarts`); the
+target group is rebuilt by the coordinator, since a collective cannot lose one rank. Requests
+that lose caches resume from their last emitted token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.config import DRAFT_RESOURCE, TARGET_RESOURCE, PipelineConfig
+from actors.workers import ModelWorker, RewardWorker, free_port
+from cdsl.engine import Engine, Request, WorkerLost
+from cdsl.methods import Generation
+from cdsl.models import Codec
+
+log = logging.getLogger("cdsl.pipeline")
+LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def _wanted(config: PipelineConfig, resource: str) -> bool:
+    if config.placement == "off":
+        return False
+    return config.placement == "required" or resource in ray.cluster_resources()
+
+
+def _tensors(results: list) -> list:
+    return [torch.from_numpy(r) if isinstance(r, np.ndarray) else r for r in results]
+
+
+def _wait_all(refs: list) -> list:
+    """ray.get of all refs, failing as soon as any fails (a dead rank would leave the others
+    blocked in a collective forever)."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done[0])
+    return ray.get(refs)
+
+
+class TargetGroup:
+    """`target_tp` ranks of the target in one placement group; rank 0's answer is the result."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config, self.ranks, self.pg = config, [], None
+        self.lock = threading.Lock()
+        self.builds = 0
+        self._build()
+
+    def _build(self) -> None:
+        cfg, tp = self.config, self.config.target_tp
+        bundle = {"CPU": cfg.cpus_per_worker}
+        if cfg.target_num_gpus:
+            bundle["GPU"] = cfg.target_num_gpus
+        if _wanted(cfg, TARGET_RESOURCE):
+            bundle[TARGET_RESOURCE] = 1
+        bundle = {k: v for k, v in bundle.items() if v}
+        self.pg = placement_group([bundle] * tp, strategy="STRICT_PACK") if bundle else None
+        if self.pg is not None:
+            ray.get(self.pg.ready(), timeout=600)
+        worker = ray.remote(ModelWorker)
+        # rank 0's node hosts the rendezvous; ask that node for its address and a free port
+        master = ray.get(ray.remote(_master_address).options(**self._options(0)).remote()) if tp > 1 else None
+        self.ranks = [worker.options(max_restarts=0, **self._options(rank)).remote(
+            cfg.target, rank, tp, master, bool(cfg.target_num_gpus)) for rank in range(tp)]
+        ray.get([r.where.remote() for r in self.ranks])
+        self.builds += 1
+
+    def _options(self, rank: int) -> dict:
+        cfg = self.config
+        opts: dict = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.target_num_gpus}
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+            if _wanted(cfg, TARGET_RESOURCE):
+                opts["resources"] = {TARGET_RESOURCE: 1}
+        return opts
+
+    def execute(self, calls: list, released: list[str]) -> list:
+        ranks = self.ranks
+        try:
+            return _tensors(_wait_all([r.execute.remote(calls, released) for r in ranks])[0])
+        except LOST as err:
+            with self.lock:
+                if self.ranks is ranks:  # first to notice rebuilds; the rest just resume
+                    log.warning("target rank lost (%s); rebuilding the tensor-parallel group", err)
+                    self.shutdown()
+                    self._build()
+            raise WorkerLost(f"target group lost a rank: {err}") from err
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            try:
+                ray.get(r.close.remote(), timeout=10)
+            except Exception:  # a dead rank has nothing left to close
+                pass
+            ray.kill(r)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+def _master_address() -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), free_port()
+
+
+class ActorExecutor:
+    """One Ray actor as an engine executor; a dead actor becomes `WorkerLost` (Ray restarts it)."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    def execute(self, calls: list, released: list[str]) -> list:
+        try:
+            return _tensors(ray.get(self.actor.execute.remote(calls, released)))
+        except LOST as err:
+            raise WorkerLost(str(err)) from err
+
+
+class Coordinator:
+    """Owns request state: runs the engine over the workers, many requests at once."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        codec = Codec.load(config.target)
+        self.target = TargetGroup(config)
+        self.draft = None
+        if config.draft is not None:
+            opts: dict = {"num_cpus": config.cpus_per_worker, "num_gpus": config.draft_num_gpus,
+                          "max_restarts": config.max_restarts}
+            if _wanted(config, DRAFT_RESOURCE):
+                opts["resources"] = {DRAFT_RESOURCE: 1}
+            self.draft = ray.remote(ModelWorker).options(**opts).remote(config.draft)
+        self.reward = ray.remote(RewardWorker).options(num_cpus=0, max_restarts=config.max_restarts).remote()
+        ray.get([a.where.remote() for a in self.workers()])
+        self.engine = Engine(codec, self.target, ActorExecutor(self.draft) if self.draft else None,
+                             ActorExecutor(self.reward), config.window_ms / 1000, config.max_retries)
+
+    def workers(self) -> list:
+        return [*self.target.ranks, *([self.draft] if self.draft else []), self.reward]
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, request: Request) -> Generation:
+        return self.engine.generate(request)
+
+    def stream(self, request: Request) -> Iterator[str | Generation]:
+        yield from self.engine.stream(request)
+
+    def utilisation(self) -> dict:
+        return {**self.engine.utilisation(), "retries": self.engine.retries, "target_builds": self.target.builds}
+
+    def placement(self) -> dict:
+        """Where each worker runs: {"target": [per rank], "draft": ..., "reward": ...}."""
+        out = {"target": ray.get([r.where.remote() for r in self.target.ranks]),
+               "reward": ray.get(self.reward.where.remote())}
+        if self.draft is not None:
+            out["draft"] = ray.get(self.draft.where.remote())
+        return out
+
+    def actor_handles(self) -> dict:
+        return {"target": self.target.ranks, "draft": self.draft, "reward": self.reward}
+
+    def shutdown(self) -> None:
+        self.engine.close()
+        self.target.shutdown()
+        for actor in (self.draft, self.reward):
+            if actor is not None:
+                ray.kill(actor)
+
+
+class Pipeline:
+    """The front door: start the workers and coordinator on Ray, generate, shut down."""
+
+    def __init__(self, config: PipelineConfig | None = None, address: str | None = None) -> None:
+        self.config = config = config or PipelineConfig()
+        if not ray.is_initialized():
+            need = config.cpus_per_worker * (config.target_tp + (config.draft is not None))
+            local = dict(num_cpus=max(os.cpu_count() or 1, int(need + 0.999))) if address is None else {}
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+        start = time.perf_counter()
+        coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=config.max_concurrency + 16)
+        self.coordinator = coordinator.remote(config)
+        ray.get(self.coordinator.ready.remote())
+        self.start_s = time.perf_counter() - start
+
+    def generate(self, request: Request) -> Generation:
+        return ray.get(self.coordinator.generate.remote(request))
+
+    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
+        """All at once (the coordinator batches them); results in input order."""
+        return ray.get([self.coordinator.generate.remote(r) for r in requests])
+
+    def stream(self, request: Request) -> Iterator[str | Generation]:
+        for ref in self.coordinator.stream.remote(request):
+            yield ray.get(ref)
+
+    def utilisation(self) -> dict:
+        return ray.get(self.coordinator.utilisation.remote())
+
+    def placement(self) -> dict:
+        return ray.get(self.coordinator.placement.remote())
+
+    def shutdown(self) -> None:
+        ray.get(self.coordinator.shutdown.remote())
+        ray.kill(self.coordinator)
