@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdsl.config import BUNDLED, DecodeConfig, ModelConfig
 
@@ -50,6 +50,13 @@ class PipelineConfig(BaseModel):
     """Requests the coordinator runs at once."""
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     """Defaults for requests that do not set their own."""
+
+    @model_validator(mode="after")
+    def _tp_dtype(self) -> PipelineConfig:
+        if self.target_tp > 1 and self.target.dtype == "float64":
+            raise ValueError("target.dtype: float64 is not supported by DeepSpeed tensor parallelism "
+                             f"(target_tp={self.target_tp}); use float32, bfloat16 or float16")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:

@@ -123,14 +123,27 @@ def _master_address() -> tuple[str, int]:
 class ActorExecutor:
     """One Ray actor as an engine executor; a dead actor becomes `WorkerLost` (Ray restarts it)."""
 
-    def __init__(self, actor) -> None:
-        self.actor = actor
+    def __init__(self, actor, restart_timeout_s: float = 300.0) -> None:
+        self.actor, self.restart_timeout_s = actor, restart_timeout_s
 
     def execute(self, calls: list, released: list[str]) -> list:
         try:
             return _tensors(ray.get(self.actor.execute.remote(calls, released)))
         except LOST as err:
+            self._await_restart()
             raise WorkerLost(str(err)) from err
+
+    def _await_restart(self) -> None:
+        """Block until Ray has the actor back (retrying at once would only hear "restarting")."""
+        deadline = time.monotonic() + self.restart_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actor.where.remote(), timeout=10)
+                return
+            except ActorDiedError:
+                return  # out of restarts: the request's retry will fail with this error
+            except (ActorUnavailableError, RayActorError, ray.exceptions.GetTimeoutError):
+                time.sleep(0.2)
 
 
 class Coordinator:

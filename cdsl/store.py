@@ -111,9 +111,11 @@ class SeqStore:
         groups: dict[int, list[tuple[int, Run, KV | None]]] = {}
         for i, r in enumerate(runs):
             try:
-                groups.setdefault(_width_class(len(r.tokens[0])), []).append((i, r, self._prepare(r)))
+                kv = self._prepare(r)
             except CacheLost as err:
                 results[i] = err
+                continue
+            groups.setdefault(_width_class(len(r.tokens[0])), []).append((i, r, kv))
         for group in groups.values():
             for (i, _, _), out in zip(group, self._forward([r for _, r, _ in group], [kv for _, _, kv in group])):
                 results[i] = out

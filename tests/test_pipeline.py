@@ -1,0 +1,104 @@
+"""The Ray pipeline gives the in-process library's answers: TP = 1, TP = 2 (DeepSpeed AutoTP over
+gloo), and after a worker is killed mid-request."""
+
+import time
+
+import pytest
+import ray
+
+from actors.config import PipelineConfig
+from actors.pipeline import Pipeline
+from cdsl.config import DecodeConfig, ModelConfig
+from cdsl.engine import Request
+from cdsl.generate import generate
+from cdsl.methods import Generation
+from cdsl.models import LM
+from cdsl.rewards import Coverage, RewardSpec
+
+CONCEPTS = [["dog", "frisbee", "catch", "throw"], ["child", "river", "stone"], ["cook", "dinner", "kitchen"],
+            ["cat", "sleep"]]
+METHODS = ["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def config(model_dirs, family="llama", **kw) -> PipelineConfig:
+    target = ModelConfig(path=str(model_dirs[f"{family}-target"]), dtype=kw.pop("dtype", "float64"))
+    return PipelineConfig(target=target,
+                          draft=ModelConfig(path=str(model_dirs[f"{family}-draft"]), dtype="float64"),
+                          cpus_per_worker=1, **kw)
+
+
+def requests(n: int, max_new_tokens: int = 16) -> list[Request]:
+    out = []
+    for i in range(n):
+        concepts = CONCEPTS[i % len(CONCEPTS)]
+        cfg = DecodeConfig(method=METHODS[i % len(METHODS)], max_new_tokens=max_new_tokens, draft_len=3, k=3,
+                           lookahead=2)
+        out.append(Request(f"Concepts: {', '.join(concepts)}\nSentence:", cfg, RewardSpec(concepts=concepts)))
+    return out
+
+
+def reference(pair, reqs: list[Request]) -> list[list[int]]:
+    target, draft = pair
+    return [generate(r.prompt, target, draft, Coverage(r.reward.concepts), r.config).token_ids for r in reqs]
+
+
+def test_pipeline_equals_in_process_tp1(local_ray, model_dirs, pairs):
+    reqs = requests(10)
+    pipe = Pipeline(config(model_dirs))
+    try:
+        outs = pipe.generate_many(reqs)
+        *pieces, last = list(pipe.stream(reqs[4]))
+        use = pipe.utilisation()
+    finally:
+        pipe.shutdown()
+    assert [o.token_ids for o in outs] == reference(pairs["llama"], reqs)
+    assert isinstance(last, Generation) and "".join(pieces) == last.text == outs[4].text
+    assert use["target"]["calls"] > use["target"]["batches"]  # requests shared forwards
+
+
+def test_pipeline_equals_in_process_tp2(local_ray, model_dirs, pairs):
+    """Two Ray actors form one gloo process group; DeepSpeed AutoTP splits the target over them."""
+    reqs = requests(5)
+    pipe = Pipeline(config(model_dirs, target_tp=2, dtype="float32"))  # DeepSpeed on CPU: no float64
+    try:
+        outs = pipe.generate_many(reqs)
+        where = pipe.placement()
+    finally:
+        pipe.shutdown()
+    target = LM.load(ModelConfig(path=str(model_dirs["llama-target"]), dtype="float32"))
+    assert [o.token_ids for o in outs] == reference((target, pairs["llama"][1]), reqs)
+    assert [w["rank"] for w in where["target"]] == [0, 1]
+    assert len({w["pid"] for w in where["target"]}) == 2
+
+
+def test_float64_tensor_parallel_refused_by_name(model_dirs):
+    with pytest.raises(ValueError, match="target.dtype"):
+        config(model_dirs, target_tp=2)
+
+
+@pytest.mark.parametrize("victim", ["draft", "target"])
+def test_killed_worker_is_restarted_and_requests_resume(local_ray, model_dirs, pairs, victim):
+    reqs = [r for r in requests(15, max_new_tokens=40) if r.config.method in ("sd", "cdsl", "cdlh-appx")]
+    pipe = Pipeline(config(model_dirs))
+    try:
+        handles = ray.get(pipe.coordinator.actor_handles.remote())
+        actor = handles[victim][0] if victim == "target" else handles[victim]
+        refs = [pipe.coordinator.generate.remote(r) for r in reqs]
+        deadline = time.monotonic() + 60
+        while ray.get(actor.where.remote())["batches"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ray.kill(actor, no_restart=False)
+        outs = ray.get(refs)
+        use = pipe.utilisation()
+    finally:
+        pipe.shutdown()
+    assert use["retries"] >= 1  # some request really lost its caches
+    assert len(outs) == len(reqs)  # each answered exactly once, in order
+    assert [o.token_ids for o in outs] == reference(pairs["llama"], reqs)
