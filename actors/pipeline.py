@@ -204,7 +204,8 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig | None = None, address: str | None = None) -> None:
         self.config = config = config or PipelineConfig()
-        if not ray.is_initialized():
+        self.owns_ray = not ray.is_initialized()
+        if self.owns_ray:
             need = config.cpus_per_worker * (config.target_tp + (config.draft is not None))
             local = dict(num_cpus=max(os.cpu_count() or 1, int(need + 0.999))) if address is None else {}
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
@@ -232,5 +233,8 @@ class Pipeline:
         return ray.get(self.coordinator.placement.remote())
 
     def shutdown(self) -> None:
+        """Stop the workers and coordinator (and Ray itself, if this pipeline started it)."""
         ray.get(self.coordinator.shutdown.remote())
         ray.kill(self.coordinator)
+        if self.owns_ray:
+            ray.shutdown()

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cdsl.bench import END, START, load_dataset, parse_sweep
-from cdsl.cli import app
+from jobs.cli import app
 
 runner = CliRunner()
 

@@ -2,7 +2,7 @@ import json
 
 from typer.testing import CliRunner
 
-from cdsl.cli import app
+from jobs.cli import app
 
 runner = CliRunner()
 
@@ -40,3 +40,20 @@ def test_bad_options_name_the_field(model_dirs):
     assert res.exit_code == 2 and "needs a constraint" in res.output
     res = runner.invoke(app, ["generate", "--concepts", "dog", "--target", "/no/such/model"])
     assert res.exit_code == 2 and "model folder not found" in res.output
+
+
+def test_backend_ray_gives_the_local_answer(model_dirs):
+    args = ["--concepts", "dog,frisbee,catch,throw", "--method", "cdsl", "--json", "--max-new-tokens", "12",
+            "--k", "3", "--lookahead", "2", "--draft-len", "3", "--dtype", "float64"]
+    local = json.loads(invoke(model_dirs, *args).stdout)
+    res = invoke(model_dirs, *args, "--backend", "ray")
+    assert res.exit_code == 0, res.output
+    remote = json.loads(res.stdout.strip().splitlines()[-1])
+    assert remote["text"] == local["text"] and remote["stats"]["states"] == local["stats"]["states"]
+
+
+def test_bad_backend_options(model_dirs):
+    res = invoke(model_dirs, "--concepts", "dog", "--backend", "spark")
+    assert res.exit_code == 2 and "--backend" in res.output
+    res = invoke(model_dirs, "--concepts", "dog", "--backend", "ray", "--target-tp", "0")
+    assert res.exit_code == 2 and "target_tp" in res.output

@@ -1,4 +1,7 @@
-"""`cdsl` command line: `cdsl generate --concepts "dog,frisbee,catch,throw" --method cdsl`."""
+"""`cdsl` command line: `cdsl generate --concepts "dog,frisbee,catch,throw" --method cdsl`.
+
+It lives in `jobs/` because it fronts every layer: the in-process library, and (with
+`--backend ray`) the Ray pipeline in `actors/`."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from cdsl.config import BUNDLED, DecodeConfig, ModelConfig
 from cdsl.generate import generate as run_generate
 from cdsl.generate import load_pair
 from cdsl.methods import NEEDS_DRAFT, NEEDS_REWARD
+from cdsl.models import Codec
 from cdsl.rewards import PROGRESS_MODES, RewardSpec
 from cdsl.tasks import commongen_prompt, parse_concepts
 
@@ -61,6 +65,9 @@ def generate(
     seed: int = _opt("seed"),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float64, bfloat16, float16."),
     device: str = typer.Option("cpu", help="torch device for both models."),
+    backend: str = typer.Option("local", help="local: in this process; ray: through the Ray pipeline "
+                                "(a local Ray is started if none is running; RAY_ADDRESS picks a cluster)."),
+    target_tp: int = typer.Option(1, help="Tensor-parallel size of the target (--backend ray)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ..., "stats": {...}}.'),
 ) -> None:
     """Generate one text under a constraint and print it (or JSON with its stats)."""
@@ -84,12 +91,17 @@ def generate(
     has_constraint = bool(concept_list or split or regex)
     if config.method in NEEDS_REWARD and not has_constraint:
         fail(f"method {config.method!r} needs a constraint: --concepts, --keywords or --regex")
-    try:
-        target_lm, draft_lm = load_pair(target_cfg, draft_cfg)
-    except (OSError, ValueError) as err:
-        fail(str(err))
+    if backend not in ("local", "ray"):
+        fail(f"--backend must be local or ray, not {backend!r}")
     reward = spec.build() if has_constraint else None
-    result = run_generate(prompt, target_lm, draft_lm, reward, config)
+    if backend == "ray":
+        result = _generate_on_ray(prompt, config, spec if has_constraint else None, target_cfg, draft_cfg, target_tp)
+    else:
+        try:
+            target_lm, draft_lm = load_pair(target_cfg, draft_cfg)
+        except (OSError, ValueError) as err:
+            fail(str(err))
+        result = run_generate(prompt, target_lm, draft_lm, reward, config)
     if as_json:
         out = result.to_dict()
         if reward is not None:
@@ -100,6 +112,30 @@ def generate(
         sys.stdout.write("\n")
     else:
         typer.echo(result.text.strip())
+
+
+def _generate_on_ray(prompt: str, config: DecodeConfig, spec: RewardSpec | None, target: ModelConfig,
+                     draft: ModelConfig | None, target_tp: int):
+    import os
+
+    from actors.config import PipelineConfig
+    from actors.pipeline import Pipeline
+    from cdsl.engine import Request
+
+    try:
+        pipe_cfg = PipelineConfig(target=target, draft=draft, target_tp=target_tp)
+        for cfg in (target, draft):
+            if cfg is not None:
+                Codec.load(cfg)  # a bad path fails here, not inside a Ray actor
+    except ValidationError as err:
+        fail(validation_message(err))
+    except (OSError, ValueError) as err:
+        fail(str(err))
+    pipe = Pipeline(pipe_cfg, address=os.environ.get("RAY_ADDRESS"))
+    try:
+        return pipe.generate(Request(prompt, config, spec))
+    finally:
+        pipe.shutdown()
 
 
 @app.callback()
