@@ -177,6 +177,9 @@ class Coordinator:
     def stream(self, request: Request) -> Iterator[str | Generation]:
         yield from self.engine.stream(request)
 
+    def reset_utilisation(self) -> None:
+        self.engine.reset_utilisation()
+
     def utilisation(self) -> dict:
         return {**self.engine.utilisation(), "retries": self.engine.retries, "target_builds": self.target.builds}
 
@@ -226,8 +229,12 @@ class Pipeline:
         for ref in self.coordinator.stream.remote(request):
             yield ray.get(ref)
 
-    def utilisation(self) -> dict:
-        return ray.get(self.coordinator.utilisation.remote())
+    def utilisation(self, reset: bool = False) -> dict:
+        """Per-phase utilisation since the start or the last reset (then start a new window)."""
+        out = ray.get(self.coordinator.utilisation.remote())
+        if reset:
+            ray.get(self.coordinator.reset_utilisation.remote())
+        return out
 
     def placement(self) -> dict:
         return ray.get(self.coordinator.placement.remote())

@@ -258,8 +258,14 @@ class Engine:
             if isinstance(item, Generation):
                 return
 
+    def reset_utilisation(self) -> None:
+        """Start a new measurement window (e.g. after a warm-up)."""
+        self.started = time.perf_counter()
+        for b in self.phases.values():
+            b.busy_s, b.batches, b.calls = 0.0, 0, 0
+
     def utilisation(self) -> dict:
-        """Per phase: share of wall time busy, batches, calls, mean batch size."""
+        """Per phase since start or the last reset: share of wall time busy, batches, calls, mean batch."""
         wall = time.perf_counter() - self.started
         return {name: b.utilisation(wall) for name, b in self.phases.items()}
 

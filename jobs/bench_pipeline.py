@@ -62,6 +62,7 @@ def main(
 
     engine = local_engine(target_lm, draft_lm)
     engine.generate_many(reqs[:4])
+    engine.reset_utilisation()
     start = time.perf_counter()
     outs = engine.generate_many(reqs, concurrency=requests)
     results["engine_in_process"] = {**_figures(outs, reqs, time.perf_counter() - start),
@@ -73,6 +74,7 @@ def main(
                                    target_tp=target_tp))
     try:
         pipe.generate_many(reqs[:4])
+        pipe.utilisation(reset=True)
         start = time.perf_counter()
         outs = pipe.generate_many(reqs)
         results["ray_pipeline"] = {**_figures(outs, reqs, time.perf_counter() - start),
