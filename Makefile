@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint venv clean bench
+.PHONY: run test lint venv clean bench bench-pipeline
 
 venv: $(STAMP)
 
@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The main job on the built-in defaults: local Ray, bundled models and sample, three methods.
 run: $(STAMP)
-	$(VENV)/bin/cdsl demo
+	rm -rf runs/run
+	$(PY) -m jobs.generate --input cdsl/bundled/samples.jsonl --output runs/run --method cdsl,cdlh,greedy \
+		--config ray_config.yaml
+
+# Ray pipeline vs the in-process library, 64 concurrent CommonGen requests.
+bench-pipeline: $(STAMP)
+	$(PY) -m jobs.bench_pipeline --requests 64 --dataset $(BENCH_DATA)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

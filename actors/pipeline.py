@@ -208,10 +208,13 @@ class Pipeline:
     def __init__(self, config: PipelineConfig | None = None, address: str | None = None) -> None:
         self.config = config = config or PipelineConfig()
         self.owns_ray = not ray.is_initialized()
-        if self.owns_ray:
+        address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
+        if self.owns_ray and address:
+            ray.init(address=address, log_to_driver=False)
+        elif self.owns_ray:  # a local Ray with at least one logical CPU per worker
             need = config.cpus_per_worker * (config.target_tp + (config.draft is not None))
-            local = dict(num_cpus=max(os.cpu_count() or 1, int(need + 0.999))) if address is None else {}
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
+                     log_to_driver=False)
         start = time.perf_counter()
         coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=config.max_concurrency + 16)
         self.coordinator = coordinator.remote(config)

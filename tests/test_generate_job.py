@@ -1,0 +1,116 @@
+"""jobs.generate: bad rows recorded and skipped, fail-fast errors, and a real `ray start --head` +
+`ray job submit` run that is stopped midway and resumed to the same dataset."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.rows import check_row, read_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def write_config(path: Path, model_dirs, **decode) -> Path:
+    cfg = {"cdsl": {"target": {"path": str(model_dirs["llama-target"]), "dtype": "float64"},
+                    "draft": {"path": str(model_dirs["llama-draft"]), "dtype": "float64"},
+                    "decode": {"method": "greedy", "max_new_tokens": 10, **decode}}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_rows_checked_with_field_and_limit(tmp_path):
+    src = tmp_path / "in.jsonl"
+    items = [{"concepts": ["dog", "cat"]}, {"concepts": []}, None, {"concepts": "dog_N#run_V"},
+             {"concepts": ["a"], "prompt": "x" * 5000}, {"concepts": ["w"] * 65}]
+    src.write_text("\n".join("{oops" if i is None else json.dumps(i) for i in items))
+    rows, schema = read_rows(src)
+    assert [r["row"] for r in rows] == list(range(6))
+    assert check_row(rows[0])[1].concepts == ["dog", "cat"]
+    assert check_row(rows[3])[1].concepts == ["dog", "run"]
+    for row, message in [(rows[1], "concepts: at least one"), (rows[2], "invalid JSON"),
+                         (rows[4], "prompt: 5000 characters, the limit is 4000"),
+                         (rows[5], "concepts: 65 given, the limit is 64")]:
+        with pytest.raises(ValueError, match=message):
+            check_row(row)
+
+
+def run_job(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "python"), "-m", "jobs.generate", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_fails_fast_on_missing_input_or_config(tmp_path):
+    res = run_job("--input", tmp_path / "nope.jsonl", "--output", tmp_path / "out")
+    assert res.returncode == 2 and "input file not found" in res.stderr
+    (tmp_path / "in.jsonl").write_text('{"concepts": ["dog"]}\n')
+    (tmp_path / "bad.yaml").write_text("cdsl:\n  decode:\n    k: 0\n")
+    res = run_job("--input", tmp_path / "in.jsonl", "--output", tmp_path / "out", "--config", tmp_path / "bad.yaml")
+    assert res.returncode == 2 and "decode.k" in res.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rows_of(folder: Path) -> list[dict]:
+    keep = ("row", "id", "error", "text", "tokens", "coverage")
+    return sorted(({k: r[k] for k in keep} for r in pq.read_table(folder).to_pylist()), key=lambda r: r["row"])
+
+
+def test_ray_job_submit_stopped_midway_resumes_to_the_same_dataset(tmp_path, model_dirs):
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"r{i}", "concepts": c}) for i, c in
+             enumerate([["dog", "frisbee"], ["child", "river"], ["cook", "dinner"], ["cat", "sleep"]] * 6)]
+    lines[5] = json.dumps({"id": "r5", "concepts": []})  # a bad row: recorded, skipped
+    src.write_text("\n".join(lines) + "\n")
+    cfg = write_config(tmp_path / "cfg.yaml", model_dirs, method="cdlh", max_new_tokens=24, k=6, lookahead=6)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    port, dash = free_port(), free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--num-cpus", "4", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    out = tmp_path / "out"
+    job = [str(BIN / "python"), "-m", "jobs.generate", "--input", str(src), "--output", str(out), "--config", str(cfg),
+           "--shard-size", "4", "--concurrency", "1"]
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+              "--runtime-env-json", json.dumps({"excludes": [".git", ".venv", "runs", "*.png"]})]
+    try:
+        first = subprocess.run([*submit, "--no-wait", "--", *job], env=env, capture_output=True, text=True,
+                               timeout=300, check=True)
+        job_id = next(w for w in first.stdout.split() if w.startswith("raysubmit_"))
+        deadline = time.monotonic() + 300
+        while not list((out / "cdlh").glob("part-*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        subprocess.run([str(BIN / "ray"), "job", "stop", "--no-wait", "--address", address, job_id], env=env,
+                       capture_output=True, timeout=120)
+        time.sleep(3)  # let the stop land before counting
+        written = len(list((out / "cdlh").glob("part-*.parquet")))
+        assert 1 <= written < 6  # stopped midway
+        second = subprocess.run([*submit, "--", *job], env=env, capture_output=True, text=True, timeout=600)
+        logs = second.stdout + second.stderr
+        assert second.returncode != 0, logs  # exit code says a row failed
+        assert "| cdlh | 24 | 1 |" in logs, logs
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    got = rows_of(out / "cdlh")
+    assert [r["row"] for r in got] == list(range(24))  # every row exactly once
+    assert got[5]["error"] and got[5]["text"] is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["cdlh"]["errors"] == 1
+    # the resumed dataset equals a clean run's
+    clean = run_job("--input", src, "--output", tmp_path / "clean", "--config", cfg, "--shard-size", "4",
+                    env={**os.environ, "RAY_ADDRESS": ""})
+    assert clean.returncode == 1, clean.stderr
+    assert rows_of(tmp_path / "clean" / "cdlh") == got
