@@ -114,3 +114,24 @@ def test_ray_job_submit_stopped_midway_resumes_to_the_same_dataset(tmp_path, mod
                     env={**os.environ, "RAY_ADDRESS": ""})
     assert clean.returncode == 1, clean.stderr
     assert rows_of(tmp_path / "clean" / "cdlh") == got
+
+
+def test_parquet_input_columns_kept_in_output(tmp_path):
+    import pyarrow as pa
+
+    from cdsl.methods import Generation
+    from jobs.rows import output_row, to_table
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "concepts": [["dog", "cat"], []], "source": ["x", "y"]}), src)
+    rows, schema = read_rows(src)
+    prompt, spec = check_row(rows[0])
+    assert prompt.startswith("Concepts: dog, cat")
+    with pytest.raises(ValueError, match="concepts"):
+        check_row(rows[1])
+    out = [output_row(rows[0], schema, "cdsl", Generation(" a dog and a cat", [1], "eos"), None, spec.concepts),
+           output_row(rows[1], schema, "cdsl", None, "concepts: empty", None)]
+    table = to_table(out, schema)
+    assert table.column_names[:4] == ["row", "id", "concepts", "source"]
+    got = table.to_pylist()
+    assert got[0]["source"] == "x" and got[0]["coverage"] == 1.0 and got[1]["error"] == "concepts: empty"
