@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,14 +29,10 @@ from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
 from cdsl.config import DecodeConfig
 from cdsl.engine import Request
+from jobs.cli import fail, validation_message
 from jobs.rows import check_row, output_row, read_rows, to_table
 
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 def shard_path(out: Path, method: str, index: int) -> Path:
@@ -64,7 +61,7 @@ def run_job(pipe: Pipeline, rows: list[dict], schema, method: str, config: Pipel
     bar = tqdm(total=todo, desc=method, unit="row", file=sys.stderr, mininterval=2, dynamic_ncols=False,
                ncols=100, disable=todo == 0)
     start, tokens = time.perf_counter(), 0
-    queue = [(m, i, row) for m, i in shards for row in rows[i:i + shard_size]]
+    queue = deque((m, i, row) for m, i in shards for row in rows[i:i + shard_size])
     buffers: dict[tuple[str, int], list] = {(m, i): [] for m, i in shards}
     inflight: dict = {}
 
@@ -80,7 +77,7 @@ def run_job(pipe: Pipeline, rows: list[dict], schema, method: str, config: Pipel
 
     while queue or inflight:
         while queue and len(inflight) < concurrency:
-            m, i, row = queue.pop(0)
+            m, i, row = queue.popleft()
             try:
                 prompt, spec = check_row(row)
             except ValueError as err:
@@ -155,7 +152,7 @@ def main(
         rows, schema = read_rows(input)
         rows = rows[: limit or None]
     except ValidationError as err:
-        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+        fail(validation_message(err))
     except (OSError, ValueError) as err:
         fail(str(err))
     if not rows:
