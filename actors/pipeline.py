@@ -177,6 +177,17 @@ class Coordinator:
     def stream(self, request: Request) -> Iterator[str | Generation]:
         yield from self.engine.stream(request)
 
+    def cancel(self, request_id: str) -> bool:
+        """Stop a running request; its caches are freed on every worker."""
+        return self.engine.cancel(request_id)
+
+    def status(self) -> dict:
+        """Requests in flight, cancelled and resumed so far, and the caches each worker holds."""
+        caches = {name: sum(w["caches"] for w in (ws if isinstance(ws, list) else [ws]))
+                  for name, ws in self.placement().items() if name != "reward"}
+        return {"running": len(self.engine.running), "cancelled": self.engine.cancelled,
+                "retries": self.engine.retries, "caches": caches}
+
     def reset_utilisation(self) -> None:
         self.engine.reset_utilisation()
 
@@ -231,6 +242,12 @@ class Pipeline:
     def stream(self, request: Request) -> Iterator[str | Generation]:
         for ref in self.coordinator.stream.remote(request):
             yield ray.get(ref)
+
+    def cancel(self, request_id: str) -> bool:
+        return ray.get(self.coordinator.cancel.remote(request_id))
+
+    def status(self) -> dict:
+        return ray.get(self.coordinator.status.remote())
 
     def utilisation(self, reset: bool = False) -> dict:
         """Per-phase utilisation since the start or the last reset (then start a new window)."""

@@ -33,6 +33,10 @@ class WorkerLost(RuntimeError):
     last emitted token."""
 
 
+class Cancelled(RuntimeError):
+    """The request was cancelled (e.g. its HTTP client went away); its caches are freed."""
+
+
 class Executor(Protocol):
     def execute(self, calls: list[Any], released: list[str]) -> list[Any]:
         """Free the `released` keys, then answer `calls` in order, as one batch."""
@@ -157,10 +161,26 @@ class Batcher:
                 "calls": self.calls, "mean_batch": self.calls / self.batches if self.batches else 0.0}
 
 
+class Guarded:
+    """One request's view of a batcher: every call first checks that the request still stands,
+    so a cancelled request stops at its next model or reward call."""
+
+    def __init__(self, batcher: Batcher, cancelled: threading.Event) -> None:
+        self.batcher, self.cancelled = batcher, cancelled
+
+    def run(self, call: Any) -> Any:
+        if self.cancelled.is_set():
+            raise Cancelled("request cancelled")
+        return self.batcher.run(call)
+
+    def release(self, key: str) -> None:
+        self.batcher.release(key)
+
+
 class BatchedReward:
     """The `Reward` protocol for one request, answered through the reward batcher."""
 
-    def __init__(self, batcher: Batcher, spec: RewardSpec) -> None:
+    def __init__(self, batcher: Guarded, spec: RewardSpec) -> None:
         self.batcher, self.spec = batcher, spec
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
@@ -184,6 +204,24 @@ class Engine:
                        for name, ex in [("target", target), ("draft", draft), ("reward", reward or RewardTable())]
                        if ex is not None}
         self.retries = 0
+        self.cancelled = 0
+        """Requests stopped by `cancel`."""
+        self._live: dict[str, list[threading.Event]] = {}
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a running request at its next model or reward call (its caches are freed);
+        False if no such request is running."""
+        with self._lock:
+            events = list(self._live.get(request_id, ()))
+        for event in events:
+            event.set()
+        return bool(events)
+
+    @property
+    def running(self) -> list[str]:
+        """Ids of the requests in flight."""
+        with self._lock:
+            return list(self._live)
 
     def _expected(self, name: str) -> Callable[[], int]:
         def expected() -> int:
@@ -195,13 +233,16 @@ class Engine:
         """Run one request to the end (blocking; call from many threads at once)."""
         config = request.config
         check_inputs(config, "draft" in self.phases, request.reward is not None)
-        reward = BatchedReward(self.phases["reward"], request.reward) if request.reward else None
+        stop = threading.Event()
+        phases = {name: Guarded(b, stop) for name, b in self.phases.items()}
+        reward = BatchedReward(phases["reward"], request.reward) if request.reward else None
         with self._lock:
+            self._live.setdefault(request.id, []).append(stop)
             self.active += 1
         start, out, stats = time.perf_counter(), [], None
         try:
             for attempt in range(self.max_retries + 1):
-                ctx = Context(request.prompt, self.phases["target"], self.phases.get("draft"), reward, config,
+                ctx = Context(request.prompt, phases["target"], phases.get("draft"), reward, config,
                               codec=self.codec, key=f"{request.id}#{next(self._attempts)}", out=out, stats=stats)
                 ctx.on_emit = on_emit
                 try:
@@ -212,11 +253,17 @@ class Engine:
                         raise
                     out, stats = list(ctx.out), ctx.stats  # resume from the last emitted token
                     self.retries += 1
+                except Cancelled:
+                    self.cancelled += 1
+                    raise
                 finally:
                     ctx.close()
         finally:
             with self._lock:
                 self.active -= 1
+                self._live[request.id].remove(stop)
+                if not self._live[request.id]:
+                    del self._live[request.id]
         ctx.stats.time_total = time.perf_counter() - start
         return ctx.result()
 
@@ -225,8 +272,9 @@ class Engine:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             return list(pool.map(self.generate, requests))
 
-    def stream(self, request: Request) -> Iterator[str]:
-        """Text pieces as they are emitted; the last item is the `Generation`."""
+    def stream(self, request: Request) -> Iterator[str | Generation]:
+        """Text pieces as they are emitted; the last item is the `Generation`. Closing the
+        iterator early cancels the request."""
         pieces: queue.Queue = queue.Queue()
         emitted: list[int] = []
         sent = ""
@@ -250,13 +298,20 @@ class Engine:
                 pieces.put(err)
 
         threading.Thread(target=work, daemon=True).start()
-        while True:
-            item = pieces.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, Generation):
-                return
+        done = False
+        try:
+            while True:
+                item = pieces.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = isinstance(item, Generation)
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:  # the consumer stopped listening: stop the request and free its caches
+                self.cancel(request.id)
 
     def reset_utilisation(self) -> None:
         """Start a new measurement window (e.g. after a warm-up)."""

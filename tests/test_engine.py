@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cdsl.config import DecodeConfig
-from cdsl.engine import Engine, Request, RewardTable, WorkerLost, local_engine
+from cdsl.engine import Cancelled, Engine, Request, RewardTable, WorkerLost, local_engine
 from cdsl.generate import generate
 from cdsl.rewards import Coverage, RewardSpec
 from cdsl.store import Run, SeqStore
@@ -125,5 +125,39 @@ def test_engine_refuses_missing_parts(pairs):
             engine.generate(Request("x", DecodeConfig(method="sd")))
         with pytest.raises(ValueError, match="needs a reward"):
             engine.generate(Request("x", DecodeConfig(method="cdlh")))
+    finally:
+        engine.close()
+
+
+def test_cancel_stops_a_request_and_frees_its_caches(pairs):
+    """A cancelled request stops at its next call, raises Cancelled, and leaves no cache behind;
+    the other requests in flight finish normally."""
+    target, draft = pairs["llama"]
+    t_store, d_store = SeqStore(target), SeqStore(draft)
+    engine = Engine(target, t_store, d_store, RewardTable())
+    long = Request(PROMPTS[0], DecodeConfig(method="cdlh", max_new_tokens=400, k=5, lookahead=6),
+                   RewardSpec(concepts=CONCEPTS[0]))
+    try:
+        stream = engine.stream(long)
+        first = next(stream)  # the request is running and has emitted text
+        assert isinstance(first, str) and long.id in engine.running
+        assert engine.cancel(long.id) and not engine.cancel("no-such-request")
+        with pytest.raises(Cancelled):
+            list(stream)
+        other = engine.generate(_requests(["cdsl"])[0])
+        assert other.stats.tokens > 0
+        deadline = time.monotonic() + 2
+        while (len(t_store) or len(d_store)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.cancelled == 1 and not engine.running
+        assert len(t_store) == len(d_store) == 0
+        # closing a stream early cancels its request too
+        stream = engine.stream(Request(long.prompt, long.config, long.reward))
+        next(stream)
+        stream.close()
+        deadline = time.monotonic() + 5
+        while engine.cancelled < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.cancelled == 2
     finally:
         engine.close()
