@@ -62,11 +62,56 @@ class PipelineConfig(BaseModel):
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
         """The `cdsl:` section of a config such as ray_config.yaml (relative model paths are
         taken from the current directory)."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {path} is not valid YAML: {err}") from err
-        return cls.model_validate(data.get("cdsl", {}))
+        return cls.model_validate(_section(path, "cdsl"))
+
+
+class ServerConfig(BaseModel):
+    """The OpenAI-compatible HTTP endpoint: the pipeline behind it, its name, limits and auth.
+    Each Serve replica runs one pipeline, so replicas scale model capacity."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    """The models and workers each replica drives."""
+    model_name: str = Field("cdsl", min_length=1)
+    """The id clients give as `model` and `GET /v1/models` lists."""
+    api_key: str | None = None
+    """Bearer token every /v1 request must carry; None (the default, for loopback) turns auth
+    off. The environment variable CDSL_API_KEY sets it too."""
+    reward_models: dict[str, str] = Field(default_factory=dict)
+    """Names a request may give as `constraints.reward_model`, each a local folder or hub id of a
+    sequence-classification model. Requests cannot load models the config does not name."""
+    max_tokens: int = Field(256, ge=1, le=4096)
+    """Largest `max_tokens` a request may ask for."""
+    max_prompt_chars: int = Field(8000, ge=1)
+    """Longest prompt (or chat messages together), in characters."""
+    max_concepts: int = Field(32, ge=1, le=64)
+    """Most `constraints.concepts` (and, separately, `constraints.keywords`) per request."""
+    max_k: int = Field(16, ge=1, le=64)
+    """Largest `cdsl.k` (CDLH candidates per step)."""
+    max_lookahead: int = Field(16, ge=1, le=64)
+    """Largest `cdsl.lookahead`."""
+    max_draft_len: int = Field(16, ge=1, le=64)
+    """Largest `cdsl.draft_len`."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, app: str = "cdsl") -> ServerConfig:
+        """The `args` of the Serve application named `app` in a Serve config such as ray_config.yaml."""
+        apps = _section(path, "applications") or []
+        for entry in apps:
+            if entry.get("name") == app:
+                return cls.model_validate(entry.get("args") or {})
+        raise ValueError(f"applications: no Serve application named {app!r} in {path}")
+
+
+def _section(path: str | Path, key: str):
+    """One top-level section of a YAML config file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from err
+    return data.get(key, {})
+
