@@ -1,0 +1,96 @@
+"""The HTTP layer alone (`actors.server.OpenAIServer`) over a small fake engine: auth, failures
+inside the engine, and the shapes of what comes back. The real endpoint is tests/test_serve.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.testclient import TestClient
+
+from actors.config import ServerConfig
+from actors.server import OpenAIServer
+from cdsl.config import BUNDLED
+from cdsl.engine import Request, WorkerLost
+from cdsl.methods import Generation
+from cdsl.models import Codec
+from cdsl.stats import Stats
+
+
+class FakeBackend:
+    """Answers every request with the same text, or fails with `error`."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error, self.seen, self.cancelled = error, [], []
+
+    async def generate(self, request: Request) -> Generation:
+        self.seen.append(request)
+        if self.error:
+            raise self.error
+        return Generation(" a man rides a horse", [1, 2, 3], "eos", Stats(tokens=3))
+
+    async def stream(self, request: Request):
+        self.seen.append(request)
+        yield " a man"
+        if self.error:
+            raise self.error
+        yield " rides"
+        yield Generation(" a man rides", [1, 2], "length", Stats(tokens=2))
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+    async def status(self) -> dict:
+        return {}
+
+
+def client_for(backend: FakeBackend, **config) -> TestClient:
+    server = OpenAIServer(ServerConfig(**config), backend, Codec.load(str(BUNDLED / "target")), has_draft=True)
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        return await server.handle(request, chat=False)
+
+    return TestClient(app)
+
+
+BODY = {"prompt": "", "max_tokens": 8, "constraints": {"concepts": ["man", "ride", "horse"]}}
+
+
+def test_bearer_auth_when_a_key_is_set():
+    client = client_for(FakeBackend(), api_key="s3cret")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        resp = client.post("/v1/completions", json=BODY, headers=headers)
+        assert resp.status_code == 401 and resp.json()["error"]["param"] == "authorization"
+    ok = client.post("/v1/completions", json=BODY, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+
+
+def test_the_request_the_engine_gets():
+    backend = FakeBackend()
+    resp = client_for(backend).post("/v1/completions", json={**BODY, "cdsl": {"method": "cdlh", "k": 3}})
+    (req,) = backend.seen
+    assert req.prompt == "Concepts: man, ride, horse\nSentence:"
+    assert (req.config.method, req.config.k, req.config.max_new_tokens) == ("cdlh", 3, 8)
+    assert req.reward.concepts == ["man", "ride", "horse"]
+    body = resp.json()
+    assert body["choices"][0] == {"index": 0, "finish_reason": "stop", "logprobs": None, "text": " a man rides a horse"}
+    assert body["cdsl"]["coverage"] == 1.0 and body["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("error,status", [(ValueError("bad thing"), 400), (WorkerLost("gone"), 503),
+                                          (RuntimeError("boom"), 500)])
+def test_engine_failures_become_json_errors(error, status):
+    resp = client_for(FakeBackend(error)).post("/v1/completions", json=BODY)
+    assert resp.status_code == status and resp.json()["object"] == "error"
+
+
+def test_a_stream_that_fails_reports_it_in_band():
+    resp = client_for(FakeBackend(RuntimeError("boom"))).post("/v1/completions", json={**BODY, "stream": True})
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["text"] == " a man"
+    assert "boom" in json.loads(events[1])["error"]["message"]
+    assert events[-1] == "[DONE]"
