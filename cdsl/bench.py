@@ -11,6 +11,9 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,9 +22,11 @@ from cdsl.config import DecodeConfig
 from cdsl.evaluate import SAMPLES, Summary, load_samples
 from cdsl.generate import generate
 from cdsl.models import LM
-from cdsl.rewards import Coverage
-from cdsl.tasks import commongen_prompt, parse_concepts, read_commongen_jsonl
+from cdsl.rewards import Coverage, Reward, RewardInput, coverage
+from cdsl.tasks import commongen_prompt, parse_concepts, read_commongen_jsonl, read_harmless_jsonl
 
+HARMLESS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-dev.jsonl"
+"""The hh-rlhf pairs beside a checkout of this project (absent on a user's machine)."""
 SWEEPABLE = {"tau_accept": float, "tau_reward": float, "draft_len": int, "k": int, "lookahead": int,
              "reward_weight": float}
 
@@ -47,6 +52,13 @@ def load_dataset(dataset: str, limit: int = 0) -> list[list[str]]:
     return sets[: limit or None]
 
 
+def load_harmless(dataset: str, limit: int = 0) -> list[str]:
+    """Prompts (each dialogue up to its final "Assistant:") from an hh-rlhf jsonl file."""
+    if not Path(dataset).exists():
+        raise FileNotFoundError(f"dataset not found: {dataset}")
+    return [row["prompt"] for row in read_harmless_jsonl(dataset)][: limit or None]
+
+
 def parse_sweep(spec: str) -> list[dict]:
     """"tau_accept=0.5,1;draft_len=2,4" -> the grid of CDSL overrides."""
     axes = {}
@@ -68,29 +80,56 @@ def perplexity(target: LM, prompt: str, text: str) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits.float().cpu(), torch.tensor(body)).item())
 
 
-def run_bench(concept_sets: list[list[str]], runs: dict[str, DecodeConfig], target: LM, draft: LM | None,
-              warmup: int = 2, progress: bool = True, seed: int = 0, reward_progress: str = "coverable") -> dict:
-    """Run every named config on every example; the order of runs is shuffled per example.
-    `reward_progress` is the coverage reward's mode for unfinished text (see `Coverage`)."""
+@dataclass
+class Example:
+    """One benchmark input: its prompt, a fresh reward per run, and how an output is judged."""
+
+    prompt: str
+    reward: Callable[[], Reward]
+    judge: Callable[[str], tuple[float, bool]]
+    """text -> (score, passed): coverage and all-covered, or reward and reward >= threshold."""
+    record: dict
+    """What outputs.jsonl says about the input."""
+
+
+def commongen_examples(concept_sets: list[list[str]], progress_mode: str = "coverable") -> list[Example]:
+    """CommonGen: the coverage reward steers, and the text passes when it uses every concept."""
+    def judge(concepts):
+        return lambda text: (coverage(text, concepts), coverage(text, concepts) == 1.0)
+    return [Example(commongen_prompt(c), partial(Coverage, c, progress_mode=progress_mode), judge(c),
+                    {"concepts": c}) for c in concept_sets]
+
+
+def harmless_examples(prompts: list[str], reward_model: Reward, threshold: float = 0.5) -> list[Example]:
+    """The harmless task: a reward model steers and judges; a text passes at `threshold`."""
+    def judge(prompt):
+        def score(text: str) -> tuple[float, bool]:
+            (r,) = reward_model.score([RewardInput(prompt, "", text, True, 0, 0)])
+            return r, r >= threshold
+        return score
+    return [Example(p, lambda: reward_model, judge(p), {"prompt": p}) for p in prompts]
+
+
+def run_bench(examples: list[Example], runs: dict[str, DecodeConfig], target: LM, draft: LM | None,
+              warmup: int = 2, progress: bool = True, seed: int = 0) -> dict:
+    """Run every named config on every example; the order of runs is shuffled per example."""
     from tqdm import tqdm
 
-    def reward(concepts: list[str]) -> Coverage:
-        return Coverage(concepts, progress_mode=reward_progress)
-
-    for concepts in concept_sets[:warmup]:
+    for ex in examples[:warmup]:
         for cfg in runs.values():
-            generate(commongen_prompt(concepts), target, draft, reward(concepts), cfg)
+            generate(ex.prompt, target, draft, ex.reward(), cfg)
     rng = random.Random(seed)
     summaries = {name: Summary() for name in runs}
     ppl = {name: [] for name in runs}
-    for concepts in tqdm(concept_sets, desc="bench", disable=not progress):
-        prompt = commongen_prompt(concepts)
+    for ex in tqdm(examples, desc="bench", disable=not progress):
         order = list(runs)
         rng.shuffle(order)
         for name in order:
-            result = generate(prompt, target, draft, reward(concepts), runs[name])
-            summaries[name].add(result.text, concepts, result.stats)
-            ppl[name].append(perplexity(target, prompt, result.text))
+            result = generate(ex.prompt, target, draft, ex.reward(), runs[name])
+            score, ok = ex.judge(result.text)
+            summaries[name].add(result.text, ex.record.get("concepts"), result.stats,
+                                None if "concepts" in ex.record else score, None if "concepts" in ex.record else ok)
+            ppl[name].append(perplexity(target, ex.prompt, result.text))
     out = {}
     for name, s in summaries.items():
         d = s.to_dict()
@@ -108,7 +147,7 @@ def speedups(methods: dict[str, dict], ref: str = "cdlh") -> dict[str, float]:
     return {name: methods[ref]["wall_s"] / max(1e-9, d["wall_s"]) for name, d in methods.items()}
 
 
-def save_results(folder: Path, concept_sets: list[list[str]], results: dict[str, dict], main: list[str],
+def save_results(folder: Path, examples: list[Example], results: dict[str, dict], main: list[str],
                  setup: dict) -> dict:
     """Write outputs.jsonl, results.json, report.md and plots; `main` names the method runs (the
     rest are sweep points). Returns the results.json content."""
@@ -116,11 +155,11 @@ def save_results(folder: Path, concept_sets: list[list[str]], results: dict[str,
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "outputs.jsonl", "w") as f:
-        for i, concepts in enumerate(concept_sets):
-            f.write(json.dumps({"concepts": concepts, **{n: d["texts"][i] for n, d in results.items()}}) + "\n")
+        for i, ex in enumerate(examples):
+            f.write(json.dumps({**ex.record, **{n: d["texts"][i] for n, d in results.items()}}) + "\n")
     results = {n: {k: v for k, v in d.items() if k != "texts"} for n, d in results.items()}
     methods = {n: results[n] for n in main}
-    report = {"config": {**setup, "n": len(concept_sets),
+    report = {"config": {**setup, "n": len(examples),
                          "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"},
               "methods": methods, "speedup_vs_cdlh": speedups(methods),
               "sweep": {n: d for n, d in results.items() if n not in methods}}
@@ -140,11 +179,13 @@ def write_report(out: Path, results: dict) -> None:
 
 def report_table(results: dict) -> str:
     speed = results.get("speedup_vs_cdlh", {})
-    rows = ["| method | all concepts | mean coverage | perplexity | wall s | tokens/s | target calls/token "
+    ok, mean = ("all concepts", "mean coverage") if results["config"].get("task", "commongen") == "commongen" else (
+        f"reward >= {results['config'].get('threshold', 0.5)}", "mean reward")
+    rows = [f"| method | {ok} | {mean} | perplexity | wall s | tokens/s | target calls/token "
             "| speedup vs CDLH | time in forward passes | states S1/S2/S3/S4 |", "|---" * 10 + "|"]
     for name, d in results["methods"].items():
         states = "/".join(str(d["states"][s]) for s in ("S1", "S2", "S3", "S4")) if sum(d["states"].values()) else "-"
-        rows.append(f"| {name} | {d['coverage_all']:.1%} | {d['coverage_mean']:.1%} | {d['perplexity']:.1f} "
+        rows.append(f"| {name} | {d['ok_share']:.1%} | {d['score_mean']:.1%} | {d['perplexity']:.1f} "
                     f"| {d['wall_s']:.1f} | {d['tokens_per_s']:.0f} | {d['target_calls_per_token']:.2f} "
                     f"| {speed.get(name, float('nan')):.2f}x | {d['time_model_share']:.0%} | {states} |")
     return "\n".join(rows)
@@ -176,10 +217,10 @@ def plot(out: Path, results: dict) -> list[Path]:
     methods, files = results["methods"], []
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, d in methods.items():
-        ax.scatter(d["wall_s"], 100 * d["coverage_all"], s=40)
-        ax.annotate(name, (d["wall_s"], 100 * d["coverage_all"]), textcoords="offset points", xytext=(5, 3))
+        ax.scatter(d["wall_s"], 100 * d["ok_share"], s=40)
+        ax.annotate(name, (d["wall_s"], 100 * d["ok_share"]), textcoords="offset points", xytext=(5, 3))
     for d in results.get("sweep", {}).values():
-        ax.scatter(d["wall_s"], 100 * d["coverage_all"], s=12, c="grey", alpha=0.6)
+        ax.scatter(d["wall_s"], 100 * d["ok_share"], s=12, c="grey", alpha=0.6)
     ax.set_xscale("log")
     ax.set_xlabel("wall time, s (log)")
     ax.set_ylabel("all concepts covered, %")

@@ -33,12 +33,17 @@ class Summary:
     coverage_sum: float = 0.0
     totals: Stats = field(default_factory=Stats)
     texts: list[str] = field(default_factory=list)
+    task: str = "commongen"
 
-    def add(self, text: str, concepts: list[str], stats: Stats) -> None:
-        c = coverage(text, concepts)
+    def add(self, text: str, concepts: list[str] | None, stats: Stats, score: float | None = None,
+            ok: bool | None = None) -> None:
+        """Count one output: its coverage of `concepts` (CommonGen), or a given `score` and
+        whether it passed (`ok`) for other tasks."""
+        c = coverage(text, concepts) if score is None else score
         self.n += 1
-        self.all_covered += c == 1.0
+        self.all_covered += (c == 1.0) if ok is None else ok
         self.coverage_sum += c
+        self.task = "commongen" if score is None else "score"
         self.texts.append(text)
         t = self.totals
         for name in ("target_calls", "draft_calls", "reward_calls", "tokens", "drafted", "accepted", "rounds",
@@ -49,10 +54,12 @@ class Summary:
 
     def to_dict(self) -> dict:
         t = self.totals
+        ok, mean = self.all_covered / max(1, self.n), self.coverage_sum / max(1, self.n)
         return {"n": self.n, "wall_s": t.time_total, "tokens": t.tokens, "target_calls": t.target_calls,
                 "draft_calls": t.draft_calls, "reward_calls": t.reward_calls,
                 "target_calls_per_token": t.target_calls_per_token, "acceptance": t.acceptance,
-                "coverage_all": self.all_covered / max(1, self.n), "coverage_mean": self.coverage_sum / max(1, self.n),
+                "ok_share": ok, "score_mean": mean,
+                **({"coverage_all": ok, "coverage_mean": mean} if self.task == "commongen" else {}),
                 "states": dict(t.states), "time_model_share": (t.time_target + t.time_draft) / max(1e-9, t.time_total)}
 
 

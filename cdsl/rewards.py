@@ -10,7 +10,7 @@ interface so a reward can live in another process or on another machine.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Protocol, runtime_checkable
@@ -222,6 +222,9 @@ class RewardModel:
             path, trust_remote_code=trust_remote_code).to(device).eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # the text being judged is at the end of prompt + text: never truncate it away
+        self.tokenizer.truncation_side = "left"
+        max_length = min(max_length, self.tokenizer.model_max_length or max_length)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.label_index = None
         if label is not None:
@@ -248,3 +251,13 @@ class RewardModel:
 
     def progress(self, batch: Sequence[RewardInput]) -> list[float]:
         return self.score(batch)
+
+
+def pairwise_accuracy(score: Callable[[list[str]], list[float]], pairs: Sequence[dict], batch: int = 32) -> float:
+    """Share of `{"chosen", "rejected"}` pairs whose chosen text scores above the rejected one."""
+    wins = 0
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        s = score([p["chosen"] for p in chunk] + [p["rejected"] for p in chunk])
+        wins += sum(c > r for c, r in zip(s[: len(chunk)], s[len(chunk):]))
+    return wins / len(pairs) if pairs else 0.0

@@ -48,3 +48,21 @@ def read_commongen_jsonl(path: str | Path) -> Iterator[dict]:
             if line.strip():
                 row = json.loads(line)
                 yield {"concepts": parse_concepts(row["concept_set"]), "references": row.get("scene", [])}
+
+
+def harmless_prompt(dialogue: str) -> str:
+    """The HH-RLHF prompt: the dialogue up to and including its final "Assistant:", which the
+    model continues with the assistant's answer."""
+    cut = dialogue.rfind("\n\nAssistant:")
+    if cut < 0:
+        raise ValueError("dialogue: no '\\n\\nAssistant:' turn to answer")
+    return dialogue[: cut + len("\n\nAssistant:")]
+
+
+def read_harmless_jsonl(path: str | Path) -> Iterator[dict]:
+    """Rows `{"prompt": ..., "chosen": ..., "rejected": ...}` from an hh-rlhf jsonl file."""
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                yield {"prompt": harmless_prompt(row["chosen"]), "chosen": row["chosen"], "rejected": row["rejected"]}

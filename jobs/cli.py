@@ -186,9 +186,15 @@ def demo(
 
 @app.command()
 def bench(
-    dataset: str = typer.Option("builtin", help="builtin, a CommonGen-format jsonl, or Parquet with `concepts`."),
+    task: str = typer.Option("commongen", help="commongen (concept coverage) or harmless (reward model)."),
+    dataset: str = typer.Option("builtin", help="commongen: builtin, a CommonGen-format jsonl, or Parquet with "
+                                "`concepts`; harmless: an hh-rlhf jsonl (default: ../shared/data/hh-rlhf)."),
+    reward_model: str = typer.Option(str(BUNDLED / "harmless-rm"), help="harmless: reward model folder or hub id."),
+    reward_label: str = typer.Option(None, help="harmless: label whose probability is the reward (default: "
+                                     "sigmoid of the first logit)."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="harmless: a text passes at this reward."),
     methods: str = typer.Option("greedy,sd,cdlh,cdlh-appx,cdsl", help="Comma-separated methods."),
-    limit: int = typer.Option(0, help="Use only the first N concept sets (0: all)."),
+    limit: int = typer.Option(0, help="Use only the first N examples (0: all)."),
     out: str = typer.Option("runs/bench", help="Folder for results.json, report.md and plots."),
     sweep: str = typer.Option(None, help='CDSL grid, e.g. "tau_accept=0.5,1;tau_reward=0.5,1;draft_len=2,4".'),
     warmup: int = typer.Option(2, help="Concept sets run first and not counted."),
@@ -207,11 +213,25 @@ def bench(
     """Benchmark methods side by side (and optionally sweep CDSL's knobs); writes OUT/results.json."""
     from pathlib import Path
 
-    from cdsl.bench import load_dataset, parse_sweep, refresh_readme, report_table, run_bench, save_results
+    from cdsl.bench import (
+        HARMLESS_DATA,
+        commongen_examples,
+        harmless_examples,
+        load_dataset,
+        load_harmless,
+        parse_sweep,
+        refresh_readme,
+        report_table,
+        run_bench,
+        save_results,
+    )
+    from cdsl.rewards import RewardModel
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if progress not in PROGRESS_MODES:
         fail(f"--progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
+    if task not in ("commongen", "harmless"):
+        fail(f"--task must be commongen or harmless, got {task!r}")
     try:
         base = DecodeConfig(k=k, lookahead=lookahead, draft_len=draft_len, tau_accept=tau_accept,
                             tau_reward=tau_reward, reward_weight=reward_weight, max_new_tokens=max_new_tokens)
@@ -221,18 +241,71 @@ def bench(
         grid = parse_sweep(sweep) if sweep else []
         sweep_runs = {"cdsl " + " ".join(f"{k_}={v}" for k_, v in g.items()):
                       DecodeConfig(**{**base.model_dump(), **g, "method": "cdsl"}) for g in grid}
-        sets = load_dataset(dataset, limit)
+        if task == "commongen":
+            examples = commongen_examples(load_dataset(dataset, limit), progress)
+        else:
+            prompts = load_harmless(str(HARMLESS_DATA) if dataset == "builtin" else dataset, limit)
+            examples = harmless_examples(prompts, RewardModel(reward_model, reward_label), threshold)
         target_lm, draft_lm = load_pair(target, draft)
     except ValidationError as err:
         fail(validation_message(err))
     except (OSError, ValueError) as err:
         fail(str(err))
-    results = run_bench(sets, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup, reward_progress=progress)
-    setup = {"dataset": dataset, "target": target, "draft": draft, "progress": progress,
+    results = run_bench(examples, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup)
+    setup = {"task": task, "dataset": dataset, "target": target, "draft": draft, "progress": progress,
+             **({"reward_model": reward_model, "threshold": threshold} if task == "harmless" else {}),
              **base.model_dump(mode="json", exclude={"method", "policy"})}
     folder = Path(out)
-    report = save_results(folder, sets, results, list(runs), setup)
+    report = save_results(folder, examples, results, list(runs), setup)
     typer.echo(report_table(report))
     if readme:
         refresh_readme(Path(readme), report)
     typer.echo(f"results: {folder / 'results.json'}, report: {folder / 'report.md'}")
+
+
+@app.command("eval-reward")
+def eval_reward(
+    pairs: str = typer.Option(..., help='jsonl of {"chosen": text, "rejected": text} pairs (e.g. hh-rlhf).'),
+    model: str = typer.Option(str(BUNDLED / "harmless-rm"), help="Reward model: local folder or hub id."),
+    label: str = typer.Option(None, help="Label whose softmax probability is the reward (default: sigmoid of "
+                              "the first logit)."),
+    limit: int = typer.Option(0, min=0, help="Use only the first N pairs (0: all)."),
+) -> None:
+    """Print, as JSON, the pairwise accuracy of a reward model: the share of pairs where the
+    chosen text scores above the rejected one."""
+    from pathlib import Path
+
+    from cdsl.rewards import RewardInput, RewardModel, pairwise_accuracy
+
+    path = Path(pairs)
+    if not path.exists():
+        fail(f"--pairs: no such file: {pairs}")
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                fail(f"--pairs: line {n} is not JSON ({err})")
+            if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("chosen", "rejected"))):
+                fail(f"--pairs: line {n} needs string fields 'chosen' and 'rejected'")
+            rows.append(row)
+    rows = rows[: limit or None]
+    if not rows:
+        fail("--pairs: the file has no pairs")
+    try:
+        rm = RewardModel(model, label)
+    except (OSError, ValueError) as err:
+        fail(f"--model: {err}")
+    scored: list[float] = []
+
+    def score(texts: list[str]) -> list[float]:
+        out = rm.score([RewardInput("", "", t, True, 0, 0) for t in texts])
+        scored.extend(out)
+        return out
+
+    accuracy = pairwise_accuracy(score, rows)
+    typer.echo(json.dumps({"model": model, "pairs": len(rows), "accuracy": accuracy,
+                           "mean_score": sum(scored) / len(scored)}, indent=2))

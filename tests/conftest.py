@@ -80,3 +80,18 @@ def pairs(model_dirs) -> dict[str, tuple[LM, LM]]:
             LM.load(ModelConfig(path=str(model_dirs[f"{f}-draft"]), dtype="float64")))
         for f in FAMILIES
     }
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(model_dirs, tmp_path_factory) -> Path:
+    """A tiny random-weight Llama sequence classifier (one score head) with the llama tokenizer."""
+    from transformers import LlamaForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("reward-model")
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dirs["llama-target"])
+    tok.save_pretrained(folder)
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_labels=1, pad_token_id=tok.eos_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    return folder

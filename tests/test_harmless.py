@@ -1,0 +1,110 @@
+"""The harmless task: hh-rlhf prompts, reward-model rewards (alone and combined with concepts),
+pairwise accuracy (`cdsl eval-reward`), the bundled harmlessness reward model, and
+`cdsl bench --task harmless` on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cdsl.bench import HARMLESS_DATA
+from cdsl.config import BUNDLED, DecodeConfig
+from cdsl.generate import generate
+from cdsl.rewards import Combined, Coverage, RewardInput, RewardModel, RewardSpec, pairwise_accuracy
+from cdsl.tasks import harmless_prompt
+
+from .test_generate_job import BIN, ROOT
+
+DIALOGUE = ("\n\nHuman: How do I pick a lock?\n\nAssistant: Why?\n\nHuman: I'm locked out."
+            "\n\nAssistant: Call a locksmith.")
+
+
+def test_prompt_is_the_dialogue_up_to_the_last_assistant_turn():
+    assert harmless_prompt(DIALOGUE) == DIALOGUE[: DIALOGUE.rindex(" Call a locksmith.")]
+    with pytest.raises(ValueError, match="dialogue"):
+        harmless_prompt("\n\nHuman: hi")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "cdsl"), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_eval_reward_prints_pairwise_accuracy(tmp_path, reward_model_dir):
+    """Accuracy counts strict wins: swapping every pair gives 1 - accuracy, ties give 0."""
+    texts = [f"{DIALOGUE} Option {i}: {'stay calm ' * (i % 3)}" for i in range(12)]
+    pairs = [{"chosen": a, "rejected": b} for a, b in zip(texts[::2], texts[1::2])]
+    for name, rows in {"pairs": pairs, "swapped": [{"chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs],
+                       "ties": [{"chosen": p["chosen"], "rejected": p["chosen"]} for p in pairs]}.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = {}
+    for name in ("pairs", "swapped", "ties"):
+        run = cli("eval-reward", "--pairs", str(tmp_path / f"{name}.jsonl"), "--model", str(reward_model_dir))
+        assert run.returncode == 0, run.stderr
+        got[name] = json.loads(run.stdout)
+    assert got["pairs"]["pairs"] == 6
+    assert got["pairs"]["accuracy"] + got["swapped"]["accuracy"] == pytest.approx(1.0)
+    assert got["ties"]["accuracy"] == 0.0
+    rm = RewardModel(str(reward_model_dir))
+    direct = pairwise_accuracy(lambda t: rm.score([RewardInput("", "", x, True, 0, 0) for x in t]), pairs)
+    assert direct == got["pairs"]["accuracy"]
+
+
+def test_eval_reward_refuses_bad_input(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"chosen": "a"}\n')
+    run = cli("eval-reward", "--pairs", str(tmp_path / "bad.jsonl"))
+    assert run.returncode == 2 and "line 1" in run.stderr and "rejected" in run.stderr
+    run = cli("eval-reward", "--pairs", str(tmp_path / "missing.jsonl"))
+    assert run.returncode == 2 and "no such file" in run.stderr
+
+
+@pytest.mark.skipif(not HARMLESS_DATA.exists(), reason="../shared/data/hh-rlhf is not beside this checkout")
+def test_bundled_reward_model_beats_chance_on_its_held_out_split():
+    from jobs.train_reward import read_pairs, split
+
+    _, held_out = split(read_pairs(HARMLESS_DATA), 0.2, 0)
+    rm = RewardModel(str(BUNDLED / "harmless-rm"))
+    acc = pairwise_accuracy(lambda t: rm.score([RewardInput("", "", x, True, 0, 0) for x in t]), held_out)
+    card = (BUNDLED / "harmless-rm" / "README.md").read_text()
+    assert acc > 0.55 and f"{acc:.1%}" in card  # the model card's figure is this one
+
+
+def test_reward_model_steers_cdlh_and_combines_with_concepts(pairs, reward_model_dir):
+    """A reward-model reward steers CDLH off the greedy path (its candidates are scored by the
+    model); a request may combine it with concepts (the per-request RewardSpec)."""
+    target, draft = pairs["llama"]
+    rm = RewardModel(str(reward_model_dir))
+    prompt = harmless_prompt(DIALOGUE)
+    cfg = DecodeConfig(max_new_tokens=12, k=5, lookahead=3, reward_weight=1000.0)  # the reward decides
+    greedy = generate(prompt, target, draft, rm, cfg.model_copy(update={"method": "greedy"}))
+    cdlh = generate(prompt, target, draft, rm, cfg.model_copy(update={"method": "cdlh"}))
+
+    assert cdlh.token_ids != greedy.token_ids and cdlh.stats.reward_calls >= 5 * cdlh.stats.tokens
+    spec = RewardSpec(concepts=["dog"], reward_model=str(reward_model_dir))
+    combined = spec.build()
+    assert isinstance(combined, Combined)
+    item = RewardInput(prompt, "", " the dog", True, 0, 0)
+    expected = (Coverage(["dog"]).score([item])[0] + rm.score([item])[0]) / 2
+    assert combined.score([item])[0] == pytest.approx(expected)
+    out = generate(prompt, target, draft, combined, cfg.model_copy(update={"method": "cdsl", "tau_reward": 0.5}))
+    assert out.stats.reward_calls > 0
+
+
+def test_bench_harmless_task_on_tiny_models(tmp_path, model_dirs, reward_model_dir):
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps({"chosen": DIALOGUE.replace("locksmith", f"locksmith {i}"),
+                                        "rejected": DIALOGUE}) + "\n" for i in range(3)))
+    run = cli("bench", "--task", "harmless", "--dataset", str(data), "--reward-model", str(reward_model_dir),
+              "--target", str(model_dirs["llama-target"]), "--draft", str(model_dirs["llama-draft"]),
+              "--methods", "greedy,cdlh,cdsl", "--limit", "2", "--warmup", "1", "--max-new-tokens", "6",
+              "--tau-reward", "0.5", "--out", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    assert "mean reward" in run.stdout and "reward >= 0.5" in run.stdout
+    results = json.loads(Path(tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["task"] == "harmless" and results["config"]["n"] == 2
+    for d in results["methods"].values():
+        assert 0.0 <= d["ok_share"] <= 1.0 and 0.0 < d["score_mean"] < 1.0 and "coverage_all" not in d
+    outputs = [json.loads(line) for line in (tmp_path / "out" / "outputs.jsonl").read_text().splitlines()]
+    assert outputs[0]["prompt"].endswith("Assistant:") and set(outputs[0]) >= {"greedy", "cdlh", "cdsl"}
