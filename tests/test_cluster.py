@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 import urllib.request
@@ -15,14 +16,9 @@ import ray
 import yaml
 from ray import serve
 from ray.autoscaler._private.util import prepare_config, validate_config
-from ray.cluster_utils import AutoscalingCluster
 from ray.serve.schema import ServeDeploySchema
 
 from actors.config import DRAFT_RESOURCE, TARGET_RESOURCE, PipelineConfig, ServerConfig
-from actors.pipeline import Pipeline
-from cdsl.config import DecodeConfig, ModelConfig
-from cdsl.engine import Request
-from cdsl.rewards import RewardSpec
 
 from .test_generate_job import BIN, ROOT, free_port
 
@@ -102,27 +98,21 @@ def test_gpu_config_is_a_valid_serve_and_pipeline_config():
     assert server.pipeline.placement == "required" and server.pipeline.target_num_gpus == 1
 
 
-class LocalAutoscalingCluster(AutoscalingCluster):
-    """Ray's AutoscalingCluster (fake nodes started on this machine on demand). The Ray wheel
-    lacks the fake provider's template file that the class reads, so the config is built here."""
-
-    def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
-        provider = {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                    "disable_launch_config_check": True}
-        empty_lists = ["initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                       "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files",
-                       "rsync_exclude", "rsync_filter"]
-        config = {"cluster_name": "cdsl-test", "max_workers": 8, "provider": provider, "auth": {}, "docker": {},
-                  "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1, "head_node_type": "ray.head.default",
-                  "file_mounts": {}, "file_mounts_sync_continuously": False, **{k: [] for k in empty_lists},
-                  "available_node_types": {**worker_node_types, "ray.head.default": {
-                      "resources": head_resources, "node_config": {}, "max_workers": 0}}}
-        config.update(config_kwargs)
-        return config
-
-
-def _alive_workers() -> int:
-    return sum(1 for n in ray.nodes() if n["Alive"]) - 1
+def test_autoscaler_adds_draft_and_target_nodes_then_removes_them(model_dirs):
+    """No worker nodes at first; a pipeline with `placement: required` makes the autoscaler add
+    one node of each type, generation runs on them, and idle nodes go after the timeout. Run in
+    its own process: Ray fixes its auth mode per process, and this cluster's differs."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the cluster runs `ray start`
+    run = subprocess.run([str(BIN / "python"), "-m", "tests.autoscaling_scenario", str(model_dirs["llama-target"]),
+                          str(model_dirs["llama-draft"])], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["workers_before"] == 0
+    assert DRAFT_RESOURCE in got["draft_node_resources"] and TARGET_RESOURCE in got["target_node_resources"]
+    assert got["tokens"] > 0 and got["draft_calls"] > 0
+    assert got["workers_after_idle"] == 0
 
 
 def _wait(predicate, timeout_s: float, what: str) -> None:
@@ -132,44 +122,6 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
             return
         time.sleep(1)
     pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def test_autoscaler_adds_draft_and_target_nodes_then_removes_them(model_dirs, monkeypatch):
-    """No worker nodes at first; a pipeline with `placement: required` makes the autoscaler add
-    one node of each type, generation runs on them, and idle nodes go after the timeout."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # driver and `ray start` must agree (Ray 2.60)
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # the cluster runs `ray start`
-    cluster = LocalAutoscalingCluster(
-        head_resources={"CPU": 1},
-        worker_node_types={
-            "draft_gpu_node": {"resources": {"CPU": 1, DRAFT_RESOURCE: 1}, "node_config": {},
-                               "min_workers": 0, "max_workers": 1},
-            "target_gpu_node": {"resources": {"CPU": 1, TARGET_RESOURCE: 1}, "node_config": {},
-                                "min_workers": 0, "max_workers": 1},
-        },
-        idle_timeout_minutes=0.1,
-    )
-    cluster.start()
-    try:
-        ray.init("auto", log_to_driver=False)
-        assert _alive_workers() == 0
-        config = PipelineConfig(target=ModelConfig(path=str(model_dirs["llama-target"])),
-                                draft=ModelConfig(path=str(model_dirs["llama-draft"])), placement="required")
-        pipe = Pipeline(config)  # pending until the autoscaler has added the nodes
-        try:
-            where = pipe.placement()
-            out = pipe.generate(Request("Concepts: dog, frisbee\nSentence:", DecodeConfig(max_new_tokens=8),
-                                        RewardSpec(concepts=["dog", "frisbee"])))
-        finally:
-            pipe.shutdown()
-        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-        assert DRAFT_RESOURCE in nodes[where["draft"]["node_id"]]
-        assert TARGET_RESOURCE in nodes[where["target"][0]["node_id"]]
-        assert out.stats.tokens > 0 and out.stats.draft_calls > 0
-        _wait(lambda: _alive_workers() == 0, 180, "idle worker nodes to be removed")
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _replicas(app: str = "cdsl") -> int:
