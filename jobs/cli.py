@@ -51,6 +51,9 @@ def generate(
     prompt: str = typer.Option(None, help="Prompt text; default: the CommonGen prompt built from --concepts."),
     keywords: str = typer.Option(None, help="Comma-separated keywords that must appear."),
     regex: str = typer.Option(None, help="A pattern the text must match."),
+    reward_model: str = typer.Option(None, help="A sequence-classification reward model (folder or hub id), e.g. "
+                                     "cdsl/bundled/harmless-rm; combines with the other constraints."),
+    reward_label: str = typer.Option(None, help="Label of --reward-model whose probability is the reward."),
     method: str = _opt("method"),
     target: str = TARGET,
     draft: str = DRAFT,
@@ -79,7 +82,8 @@ def generate(
         draft_cfg = ModelConfig(path=draft, dtype=dtype, device=device) if method in NEEDS_DRAFT else None
         concept_list = parse_concepts(concepts) if concepts else []
         split = [w.strip() for w in keywords.split(",") if w.strip()] if keywords else []
-        spec = RewardSpec(concepts=concept_list, keywords=split, regex=regex)
+        spec = RewardSpec(concepts=concept_list, keywords=split, regex=regex, reward_model=reward_model,
+                          reward_model_label=reward_label)
     except ValidationError as err:
         fail(validation_message(err))
     except ValueError as err:
@@ -88,12 +92,15 @@ def generate(
         if not concept_list:
             fail("give --prompt, or --concepts to build the CommonGen prompt")
         prompt = commongen_prompt(concept_list)
-    has_constraint = bool(concept_list or split or regex)
+    has_constraint = bool(concept_list or split or regex or reward_model)
     if config.method in NEEDS_REWARD and not has_constraint:
-        fail(f"method {config.method!r} needs a constraint: --concepts, --keywords or --regex")
+        fail(f"method {config.method!r} needs a constraint: --concepts, --keywords, --regex or --reward-model")
     if backend not in ("local", "ray"):
         fail(f"--backend must be local or ray, not {backend!r}")
-    reward = spec.build() if has_constraint else None
+    try:
+        reward = spec.build() if has_constraint else None
+    except (OSError, ValueError) as err:
+        fail(f"--reward-model: {err}")
     if backend == "ray":
         result = _generate_on_ray(prompt, config, spec if has_constraint else None, target_cfg, draft_cfg, target_tp)
     else:
