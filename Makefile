@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint venv clean bench bench-pipeline
+.PHONY: run test lint venv clean bench bench-pipeline serve load-test
 
 venv: $(STAMP)
 
@@ -24,6 +24,13 @@ run: $(STAMP)
 # Ray pipeline vs the in-process library, 64 concurrent CommonGen requests.
 bench-pipeline: $(STAMP)
 	$(PY) -m jobs.bench_pipeline --requests 64 --dataset $(BENCH_DATA)
+
+# The OpenAI-compatible endpoint on http://127.0.0.1:8000 (Ctrl-C stops it), and a load test against it.
+serve: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/serve run ray_config.yaml
+
+load-test: $(STAMP)
+	$(PY) -m jobs.load_test --requests 500 --concurrency 16 --max-tokens 8
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
