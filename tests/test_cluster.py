@@ -139,7 +139,7 @@ def test_serve_replicas_scale_up_under_load_and_down_after(model_dirs):
                     "decode": {"method": "greedy"}}
         app = CDSLServer.options(autoscaling_config={
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
-            "downscale_delay_s": 5, "look_back_period_s": 2}).bind(ServerConfig(pipeline=pipeline).model_dump())
+            "downscale_delay_s": 5, "look_back_period_s": 12}).bind(ServerConfig(pipeline=pipeline).model_dump())
         serve.run(app, name="cdsl", route_prefix="/")
         assert _replicas() == 1
         stop = threading.Event()

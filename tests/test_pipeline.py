@@ -49,16 +49,23 @@ def reference(pair, reqs: list[Request]) -> list[list[int]]:
     return [generate(r.prompt, target, draft, Coverage(r.reward.concepts), r.config).token_ids for r in reqs]
 
 
-def test_pipeline_equals_in_process_tp1(local_ray, model_dirs, pairs):
+def test_pipeline_equals_in_process_tp1(local_ray, model_dirs, pairs, reward_model_dir):
     reqs = requests(10)
+    # a reward model combined with concepts, scored by the Ray reward worker
+    rm_spec = RewardSpec(concepts=CONCEPTS[0], reward_model=str(reward_model_dir))
+    rm_req = Request(reqs[0].prompt, DecodeConfig(method="cdlh", max_new_tokens=8, k=3, lookahead=2), rm_spec)
     pipe = Pipeline(config(model_dirs))
     try:
+        rm_out = pipe.generate(rm_req)
         outs = pipe.generate_many(reqs)
         *pieces, last = list(pipe.stream(reqs[4]))
         use = pipe.utilisation()
     finally:
         pipe.shutdown()
     assert [o.token_ids for o in outs] == reference(pairs["llama"], reqs)
+    target, draft = pairs["llama"]
+    assert rm_out.token_ids == generate(rm_req.prompt, target, draft, rm_spec.build(), rm_req.config).token_ids
+    assert rm_out.stats.reward_calls > 0
     assert isinstance(last, Generation) and "".join(pieces) == last.text == outs[4].text
     assert use["target"]["calls"] > use["target"]["batches"]  # requests shared forwards
 
