@@ -88,9 +88,20 @@ class OpenAIServer:
             raise ApiError(401, "authorization: a valid 'Bearer <api key>' header is required", "authorization",
                            "authentication_error")
 
-    def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "cdsl"}]}
+    def refusal(self, http: HttpRequest) -> Response | None:
+        """The 401 response for a request without the key (when auth is on), else None."""
+        try:
+            self.authorize(http.headers.get("authorization"))
+        except ApiError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        return None
+
+    async def models(self, http: HttpRequest) -> Response:
+        return self.refusal(http) or JSONResponse({"object": "list", "data": [
+            {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "cdsl"}]})
+
+    async def status(self, http: HttpRequest) -> Response:
+        return self.refusal(http) or JSONResponse(await self.backend.status())
 
     async def handle(self, http: HttpRequest, chat: bool) -> Response:
         """One completion request, start to end; every refusal is a 4xx JSON error."""
@@ -188,11 +199,7 @@ class CDSLServer:
 
     @app.get("/v1/models")
     async def models(self, request: HttpRequest) -> Response:
-        try:
-            self.server.authorize(request.headers.get("authorization"))
-        except ApiError as err:
-            return JSONResponse(err.body(), status_code=err.status)
-        return JSONResponse(self.server.models())
+        return await self.server.models(request)
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -201,11 +208,7 @@ class CDSLServer:
     @app.get("/v1/cdsl/status")
     async def status(self, request: HttpRequest) -> Response:
         """Requests in flight, cancelled, resumed, and the caches each worker holds."""
-        try:
-            self.server.authorize(request.headers.get("authorization"))
-        except ApiError as err:
-            return JSONResponse(err.body(), status_code=err.status)
-        return JSONResponse(await self.server.backend.status())
+        return await self.server.status(request)
 
     async def check_health(self) -> None:
         """Serve restarts the replica when its coordinator stops answering."""

@@ -54,6 +54,10 @@ def client_for(backend: FakeBackend, **config) -> TestClient:
     async def completions(request: HttpRequest):
         return await server.handle(request, chat=False)
 
+    @app.get("/v1/models")
+    async def models(request: HttpRequest):
+        return await server.models(request)
+
     return TestClient(app)
 
 
@@ -67,6 +71,9 @@ def test_bearer_auth_when_a_key_is_set():
         assert resp.status_code == 401 and resp.json()["error"]["param"] == "authorization"
     ok = client.post("/v1/completions", json=BODY, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
+    assert client.get("/v1/models").status_code == 401
+    listed = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json()
+    assert [m["id"] for m in listed["data"]] == ["cdsl"]
 
 
 def test_the_request_the_engine_gets():
