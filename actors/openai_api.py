@@ -120,9 +120,9 @@ def _param(loc: tuple) -> str:
                                                                           or "[" in p)))
 
 
-def _limit(value: int | None, limit: int, param: str) -> None:
+def _limit(value: int | None, limit: int, param: str, unit: str = "") -> None:
     if value is not None and value > limit:
-        raise ApiError(400, f"{param}: {value} is above this server's limit of {limit}", param)
+        raise ApiError(400, f"{param}: {value}{unit} is above this server's limit of {limit}{unit}", param)
 
 
 def chat_prompt(codec: Codec, messages: list[Message]) -> str:
@@ -142,8 +142,8 @@ def to_request(body: _Common, config: ServerConfig, codec: Codec, has_draft: boo
     if body.stop:
         raise ApiError(400, "stop: stop sequences are not supported; the text ends at EOS or max_tokens", "stop")
     c, opts = body.constraints, body.cdsl
-    _limit(len(c.concepts), config.max_concepts, "constraints.concepts")
-    _limit(len(c.keywords), config.max_concepts, "constraints.keywords")
+    _limit(len(c.concepts), config.max_concepts, "constraints.concepts", " concepts")
+    _limit(len(c.keywords), config.max_concepts, "constraints.keywords", " keywords")
     max_tokens = body.max_completion_tokens or body.max_tokens
     _limit(max_tokens, config.max_tokens, "max_tokens")
     _limit(opts.k, config.max_k, "cdsl.k")
@@ -167,7 +167,7 @@ def to_request(body: _Common, config: ServerConfig, codec: Codec, has_draft: boo
                 raise ApiError(400, "prompt: must not be empty unless constraints.concepts is given", "prompt")
             prompt = commongen_prompt(c.concepts)  # the task's own prompt
         size, param = len(prompt), "prompt"
-    _limit(size, config.max_prompt_chars, f"{param} (characters)")
+    _limit(size, config.max_prompt_chars, param, " characters")
 
     updates = {k: v for k, v in opts.model_dump().items() if v is not None}
     if max_tokens is not None:

@@ -125,7 +125,7 @@ BAD = [
     ({"prompt": "x", "cdsl": {"draft_len": 17}}, "cdsl.draft_len", "16"),
     ({"prompt": "x", "cdsl": {"tau_accept": 2}}, "cdsl.tau_accept", "1"),
     ({"prompt": "x", "cdsl": {"speed": 2}}, "cdsl.speed", "Extra inputs"),
-    ({"prompt": "x" * 8001}, "prompt (characters)", "8000"),
+    ({"prompt": "x" * 8001}, "prompt", "limit of 8000 characters"),
     ({"prompt": "", "constraints": {"concepts": [f"c{i}" for i in range(33)]}}, "constraints.concepts", "32"),
     ({"prompt": "", "max_tokens": 4}, "prompt", "constraints.concepts"),
     ({"prompt": "x", "cdsl": {"method": "cdsl"}}, "constraints", "needs a reward"),
