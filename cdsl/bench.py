@@ -90,12 +90,16 @@ class Example:
     """text -> (score, passed): coverage and all-covered, or reward and reward >= threshold."""
     record: dict
     """What outputs.jsonl says about the input."""
+    task: str = "commongen"
 
 
 def commongen_examples(concept_sets: list[list[str]], progress_mode: str = "coverable") -> list[Example]:
     """CommonGen: the coverage reward steers, and the text passes when it uses every concept."""
     def judge(concepts):
-        return lambda text: (coverage(text, concepts), coverage(text, concepts) == 1.0)
+        def score(text: str) -> tuple[float, bool]:
+            c = coverage(text, concepts)
+            return c, c == 1.0
+        return score
     return [Example(commongen_prompt(c), partial(Coverage, c, progress_mode=progress_mode), judge(c),
                     {"concepts": c}) for c in concept_sets]
 
@@ -107,7 +111,7 @@ def harmless_examples(prompts: list[str], reward_model: Reward, threshold: float
             (r,) = reward_model.score([RewardInput(prompt, "", text, True, 0, 0)])
             return r, r >= threshold
         return score
-    return [Example(p, lambda: reward_model, judge(p), {"prompt": p}) for p in prompts]
+    return [Example(p, lambda: reward_model, judge(p), {"prompt": p}, "harmless") for p in prompts]
 
 
 def run_bench(examples: list[Example], runs: dict[str, DecodeConfig], target: LM, draft: LM | None,
@@ -119,16 +123,14 @@ def run_bench(examples: list[Example], runs: dict[str, DecodeConfig], target: LM
         for cfg in runs.values():
             generate(ex.prompt, target, draft, ex.reward(), cfg)
     rng = random.Random(seed)
-    summaries = {name: Summary() for name in runs}
+    summaries = {name: Summary(task=examples[0].task if examples else "commongen") for name in runs}
     ppl = {name: [] for name in runs}
     for ex in tqdm(examples, desc="bench", disable=not progress):
         order = list(runs)
         rng.shuffle(order)
         for name in order:
             result = generate(ex.prompt, target, draft, ex.reward(), runs[name])
-            score, ok = ex.judge(result.text)
-            summaries[name].add(result.text, ex.record.get("concepts"), result.stats,
-                                None if "concepts" in ex.record else score, None if "concepts" in ex.record else ok)
+            summaries[name].add(result.text, result.stats, *ex.judge(result.text))
             ppl[name].append(perplexity(target, ex.prompt, result.text))
     out = {}
     for name, s in summaries.items():

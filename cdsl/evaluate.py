@@ -34,16 +34,13 @@ class Summary:
     totals: Stats = field(default_factory=Stats)
     texts: list[str] = field(default_factory=list)
     task: str = "commongen"
+    """"commongen": the score is coverage (results also say coverage_all / coverage_mean)."""
 
-    def add(self, text: str, concepts: list[str] | None, stats: Stats, score: float | None = None,
-            ok: bool | None = None) -> None:
-        """Count one output: its coverage of `concepts` (CommonGen), or a given `score` and
-        whether it passed (`ok`) for other tasks."""
-        c = coverage(text, concepts) if score is None else score
+    def add(self, text: str, stats: Stats, score: float, ok: bool) -> None:
+        """Count one output with its score and whether it passed (all concepts, or reward >= threshold)."""
         self.n += 1
-        self.all_covered += (c == 1.0) if ok is None else ok
-        self.coverage_sum += c
-        self.task = "commongen" if score is None else "score"
+        self.all_covered += ok
+        self.coverage_sum += score
         self.texts.append(text)
         t = self.totals
         for name in ("target_calls", "draft_calls", "reward_calls", "tokens", "drafted", "accepted", "rounds",
@@ -72,5 +69,6 @@ def run_methods(concept_sets: Iterable[list[str]], methods: list[str], target: L
         prompt = commongen_prompt(concepts)
         for method in methods:
             result = generate(prompt, target, draft, Coverage(concepts), config.model_copy(update={"method": method}))
-            out[method].add(result.text, concepts, result.stats)
+            c = coverage(result.text, concepts)
+            out[method].add(result.text, result.stats, c, c == 1.0)
     return out
