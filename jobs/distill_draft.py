@@ -19,7 +19,7 @@ import torch
 import typer
 from tqdm import tqdm
 
-from jobs.train_tiny import DATA, batches, encode, load_pairs, make_model
+from jobs.train_tiny import DATA, batches, content_words, draw_prompts, encode, load_pairs, make_model
 
 app = typer.Typer(add_completion=False)
 
@@ -45,6 +45,7 @@ def main(
     minutes: float = typer.Option(15.0, help="Training time budget."),
     steps: int = typer.Option(2000, help="Planned steps (sets the cosine schedule); stops early at --minutes."),
     alpha: float = typer.Option(0.8, help="Weight of the KL term (the rest is data cross-entropy)."),
+    augment: float = typer.Option(0.5, help="Share of rows re-prompted from the sentence's words, as in training."),
     lr: float = 2e-3, batch_size: int = 64, seed: int = 0, threads: int = 2, data: Path = DATA,
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,11 +57,13 @@ def main(
     teacher = AutoModelForCausalLM.from_pretrained(target).eval()
     student = (AutoModelForCausalLM.from_pretrained(init) if init else
                make_model(len(tok), hidden, layers, heads, tok.eos_token_id))
-    rows = encode(tok, load_pairs(data), rng)
+    pairs = load_pairs(data)
+    words = content_words(pairs)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05)
     start, step = time.time(), 0
     bar = tqdm(total=steps, desc="distill", mininterval=30)
     while step < steps and time.time() - start < minutes * 60:
+        rows = encode(tok, draw_prompts(pairs, words, augment, rng), pairs)
         for ids, labels, mask in batches(rows, batch_size, tok.eos_token_id, rng):
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))

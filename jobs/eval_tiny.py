@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -45,6 +46,43 @@ def teacher_forced(target: LM, draft: LM, rows: list[dict]) -> dict:
         agree += (t_logits.argmax(-1) == d_logits.argmax(-1)).sum().item()
         count += len(body)
     return {"reference_perplexity": math.exp(nll / count), "agreement_teacher_forced": agree / count}
+
+
+FLAWS = ("unknown word", "repeated phrase", "looping word")
+STOPWORDS = frozenset("a an the of in on at to and with is are was his her their its for by from up".split())
+
+
+def training_words(data: Path = DEV.parent) -> set[str]:
+    """Every lower-cased word of the training sentences: the words the models could have learned."""
+    return set(re.findall(r"[a-z]+", (data / "train.tgt.txt").read_text().lower()))
+
+
+def fluency_flaws(text: str, vocab: set[str]) -> list[str]:
+    """What makes a sentence read as broken, by rules that a human reference almost never breaks:
+    a word the training data never has (a BPE splice such as "carcycle"), a repeated two-word
+    phrase with a content word ("a dog ... a dog"), or a content word three times (a loop)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    flaws = []
+    if not words:
+        flaws.append("empty")
+    if any(w not in vocab for w in words):
+        flaws.append("unknown word")
+    pairs = [p for p in zip(words, words[1:]) if not set(p) <= STOPWORDS]
+    if len(pairs) != len(set(pairs)):
+        flaws.append("repeated phrase")
+    content = [w for w in words if w not in STOPWORDS]
+    if any(content.count(w) >= 3 for w in set(content)):
+        flaws.append("looping word")
+    return flaws
+
+
+def fluency(texts: list[str], vocab: set[str]) -> dict[str, float]:
+    """Share of texts with no flaw, and the share with each flaw."""
+    flaws = [fluency_flaws(t, vocab) for t in texts]
+    out = {"fluent": sum(not f for f in flaws) / len(texts)}
+    for name in FLAWS:
+        out[name] = sum(name in f for f in flaws) / len(texts)
+    return out
 
 
 @torch.inference_mode()
@@ -92,7 +130,9 @@ def plot_loss(csv_path: Path, png: Path) -> None:
 def model_card(f: dict, models: Path) -> str:
     """The model card, with every figure taken from this run's measurements."""
     train = (models / "train_command.txt").read_text().strip() if (models / "train_command.txt").exists() else ""
-    g, s, c = f["greedy"], f["sd"], f["cdlh"]
+    g, s, c, fl = f["greedy"], f["sd"], f["cdlh"], f["fluency"]
+    fluent = " / ".join(f"{fl[m]['fluent']:.1%}" for m in ("greedy", "cdlh", "references"))
+    flaws = " / ".join(f"{fl['greedy'][name]:.1%}" for name in FLAWS)
     kl = f"k = {f['k']}, L = {f['lookahead']}"
     examples = "\n".join(f"| {', '.join(e['concepts'])} | {e['greedy']} | {e['cdlh']} |" for e in f["greedy_examples"])
     return f"""---
@@ -133,13 +173,21 @@ dominates tiny models on CPU, so the wall-time ratio is smaller than the FLOP ra
 | figure | value |
 |---|---|
 | target perplexity of the first human reference | {f["reference_perplexity"]:.1f} |
+| fluent by the rule check, greedy / CDLH / first human reference | {fluent} |
+| greedy flaws: {" / ".join(FLAWS)} | {flaws} |
 | draft/target next-token agreement, teacher-forced on references | {f["agreement_teacher_forced"]:.1%} |
 | SD acceptance (draft tokens the target accepts, d = 4) | {f["sd_acceptance"]:.1%} |
 | greedy: all concepts covered / mean coverage | {g["coverage_all"]:.1%} / {g["coverage_mean"]:.1%} |
 | CDLH ({kl}): all concepts covered / mean coverage | {c["coverage_all"]:.1%} / {c["coverage_mean"]:.1%} |
 | wall time greedy / SD / CDLH | {g["wall_s"]:.1f} s / {s["wall_s"]:.1f} s / {c["wall_s"]:.1f} s |
 
-Examples (greedy, then CDLH):
+The rule check (`jobs.eval_tiny.fluency_flaws`) calls a sentence broken if it has a word that no
+training sentence has (a BPE splice such as "carcycle"), repeats a two-word phrase that has a
+content word ("a dog ... a dog"), or uses one content word three times. It is a proxy: it cannot
+see bad grammar without repetition, so read the examples too. Human references pass it nearly
+always, which is what makes it a fair bar.
+
+Examples, the first {len(f["greedy_examples"])} dev concept sets (greedy, then CDLH):
 
 | concepts | greedy | CDLH |
 |---|---|---|
@@ -169,8 +217,12 @@ def main(
     for method, summary in results.items():
         figures[method] = summary.to_dict()
     figures["sd_acceptance"] = results["sd"].totals.acceptance
+    vocab = training_words()
+    figures["fluency"] = {"greedy": fluency(results["greedy"].texts, vocab),
+                          "cdlh": fluency(results["cdlh"].texts, vocab),
+                          "references": fluency([r["references"][0] for r in rows], vocab)}
     figures["greedy_examples"] = [{"concepts": r["concepts"], "greedy": g.strip(), "cdlh": c.strip()}
-                                  for r, g, c in zip(rows[:8], results["greedy"].texts, results["cdlh"].texts)]
+                                  for r, g, c in zip(rows[:20], results["greedy"].texts, results["cdlh"].texts)]
     (models / "eval.json").write_text(json.dumps(figures, indent=2))
     if (models / "loss.csv").exists():
         plot_loss(models / "loss.csv", models / "loss.png")
