@@ -158,14 +158,46 @@ def add_residual_dropout(model, p: float) -> None:
         layer.mlp.register_forward_hook(hook)
 
 
+def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor, exempt: torch.Tensor) -> torch.Tensor:
+    """Token-level unlikelihood (Welleck et al., 2020): -log(1 - p) of every token the sentence has
+    already used, at each next-token position, except the gold token and the `exempt` ids
+    (articles, punctuation: reuse of those is normal). Tiny LMs fall into loops under greedy
+    decoding ("a dog with a dog with a dog"); this teaches the model itself that a repeat is unlikely."""
+    vocab = logits.shape[-1]
+    used = labels.clamp(min=0)
+    onehot = torch.nn.functional.one_hot(used, vocab) * (labels != -100).unsqueeze(-1)
+    seen = onehot.cumsum(1)[:, :-1] > 0  # tokens of the sentence up to position t
+    gold = labels[:, 1:]
+    cand = seen & ~torch.nn.functional.one_hot(gold.clamp(min=0), vocab).bool()
+    cand[..., exempt] = False
+    cand &= (gold != -100).unsqueeze(-1)
+    probs = torch.softmax(logits[:, :-1].float(), -1)
+    loss = -torch.log((1 - probs).clamp(min=1e-5)) * cand
+    return loss.sum() / (gold != -100).sum().clamp(min=1)
+
+
+def frequent_tokens(rows: list[tuple[list[int], int]], n: int) -> torch.Tensor:
+    """The n most frequent sentence tokens: the ones a sentence may repeat."""
+    counts: dict[int, int] = {}
+    for ids, n_prompt in rows:
+        for t in ids[n_prompt:]:
+            counts[t] = counts.get(t, 0) + 1
+    return torch.tensor(sorted(counts, key=counts.get, reverse=True)[:n], dtype=torch.long)
+
+
 @torch.inference_mode()
-def heldout_loss(model, rows, pad: int) -> float:
-    """Mean per-token loss of the sentence tokens of held-out rows."""
+def heldout_loss(model, rows, pad: int, unlikelihood: float = 0.0, exempt: torch.Tensor | None = None) -> float:
+    """The training objective (cross-entropy plus any unlikelihood term) per sentence token of
+    held-out rows."""
     model.eval()
     total = count = 0.0
     for ids, labels, mask in batches(rows, 64, pad, random.Random(0), shuffle=False):
         n = (labels[:, 1:] != -100).sum().item()
-        total += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * n
+        result = model(input_ids=ids, attention_mask=mask, labels=labels)
+        loss = result.loss
+        if unlikelihood:
+            loss = loss + unlikelihood * unlikelihood_loss(result.logits, labels, exempt)
+        total += loss.item() * n
         count += n
     model.train()
     return total / count
@@ -189,6 +221,10 @@ def main(
     target_lr: float = typer.Option(5e-4, help="Peak learning rate of the target (cosine decay)."),
     draft_lr: float = typer.Option(2e-3, help="Peak learning rate of the draft (smaller models take more)."),
     limit: int = typer.Option(0, help="Use only the first N pairs (0: all)."),
+    unlikelihood: float = typer.Option(0.0, help="Weight of the token-level unlikelihood loss on repeats."),
+    exempt_tokens: int = typer.Option(64, help="This many most frequent tokens may repeat freely."),
+    init: Path = typer.Option(None, help="Continue from this folder's tokenizer, target/ and draft/ "
+                              "(a fine-tuning stage) instead of training from scratch."),
 ) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -199,15 +235,25 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_command.txt").write_text("python -m jobs.train_tiny " + " ".join(sys.argv[1:]) + "\n")
     pairs, heldout = split_heldout(pairs, heldout_sets, rng)
-    tok = train_tokenizer(pairs, vocab_size, out / "target")
+    if init:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(init / "target")
+        models = {name: AutoModelForCausalLM.from_pretrained(init / name) for name in ("target", "draft")}
+        if dropout:
+            add_residual_dropout(models["target"], dropout)
+        tok.save_pretrained(out / "target")
+    else:
+        tok = train_tokenizer(pairs, vocab_size, out / "target")
+        models = {
+            "target": make_model(len(tok), target_hidden, target_layers, target_heads, tok.eos_token_id, dropout),
+            "draft": make_model(len(tok), draft_hidden, draft_layers, draft_heads, tok.eos_token_id),
+        }
     tok.save_pretrained(out / "draft")
     words = content_words(pairs)
     held_rows = encode(tok, [c for c, _ in heldout], heldout)
     eos = tok.eos_token_id
-    models = {
-        "target": make_model(len(tok), target_hidden, target_layers, target_heads, eos, dropout),
-        "draft": make_model(len(tok), draft_hidden, draft_layers, draft_heads, eos),
-    }
+    exempt = frequent_tokens(held_rows + encode(tok, [c for c, _ in pairs], pairs), exempt_tokens)
     for name, m in models.items():
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters", flush=True)
     print(f"{len(pairs)} training pairs, {len(heldout)} held out; "
@@ -241,7 +287,10 @@ def main(
             for name, m in models.items():
                 for g in opts[name].param_groups:
                     g["lr"] = lr_at(step, time.time() - start, peak[name])
-                loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+                result = m(input_ids=ids, attention_mask=mask, labels=labels)
+                loss = result.loss
+                if unlikelihood:
+                    loss = loss + unlikelihood * unlikelihood_loss(result.logits, labels, exempt)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
                 opts[name].step()
@@ -252,7 +301,7 @@ def main(
             done = step >= total or elapsed > max_minutes * 60
             held = {}
             if step % eval_every == 0 or done:
-                held = {name: heldout_loss(m, held_rows, eos) for name, m in models.items()}
+                held = {name: heldout_loss(m, held_rows, eos, unlikelihood, exempt) for name, m in models.items()}
                 for name, m in models.items():
                     if held[name] < best[name]:
                         best[name] = held[name]
