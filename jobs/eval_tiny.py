@@ -101,27 +101,44 @@ def forward_ms(lm: LM, repeats: int = 50) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def plot_loss(csv_path: Path, png: Path) -> None:
+def read_losses(models: Path) -> list[dict]:
+    """loss.csv, then the fine-tuning stage's loss-ul.csv (if any) with its epochs continuing."""
+    rows: list[dict] = []
+    for name in ("loss.csv", "loss-ul.csv"):
+        if (models / name).exists():
+            offset = float(rows[-1]["epoch"]) if rows else 0.0
+            with open(models / name) as f:
+                rows += [{**r, "epoch": float(r["epoch"]) + offset, "stage": name} for r in csv.DictReader(f)]
+    return rows
+
+
+def plot_loss(models: Path, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    epoch = [float(r["epoch"]) for r in rows]
+    rows = read_losses(models)
+    epoch = [r["epoch"] for r in rows]
 
     def smooth(key: str, w: int = 50) -> list[float]:
         vals = [float(r[key]) for r in rows]
         return [sum(vals[max(0, i - w):i + 1]) / len(vals[max(0, i - w):i + 1]) for i in range(len(vals))]
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(epoch, smooth("target_loss"), label="target")
-    ax.plot(epoch, smooth("draft_loss"), label="draft")
+    for name in ("target", "draft"):
+        line, = ax.plot(epoch, smooth(f"{name}_loss"), label=f"{name} train (50-step mean)")
+        held = [(r["epoch"], float(r[f"{name}_heldout"])) for r in rows if r.get(f"{name}_heldout")]
+        if held:
+            ax.plot(*zip(*held), "o", ms=3, color=line.get_color(), label=f"{name} held-out")
+    stages = [r["epoch"] for a, r in zip(rows, rows[1:]) if a["stage"] != r["stage"]]
+    for x in stages:
+        ax.axvline(x, color="grey", ls="--", lw=1)
+        ax.text(x, ax.get_ylim()[1], " + unlikelihood", va="top", fontsize=8, color="grey")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("train loss (nats/token, 50-step mean)")
+    ax.set_ylabel("loss (nats/token)")
     ax.set_title("Tiny CommonGen pair: training loss")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -151,8 +168,13 @@ They write one short everyday sentence for a prompt `Concepts: dog, frisbee, cat
 They know nothing else; do not use them for anything but demos and tests.
 
 ## Data
-CommonGen v1.0 training set (39,068 concept-set/sentence pairs; INK-USC/CommonGen, MIT licence).
-Concept order is shuffled per example; the loss covers the sentence and EOS, not the prompt.
+CommonGen v1.0 training set (39,068 concept-set/sentence pairs; INK-USC/CommonGen, MIT licence),
+less the pairs of a few hundred concept sets held out to choose the checkpoint (the saved models
+are those with the lowest loss on them). The loss covers the sentence and EOS, not the prompt.
+CommonGen train is small enough for the target to memorise (28.7k distinct sentences), so each
+epoch re-draws the prompts: concept order shuffled, and for half the rows a new 3-5 concept set
+drawn from the sentence's own words that are CommonGen concepts; the target trains with residual
+dropout 0.1.
 
 ## Sizes
 | model | parameters | layers x hidden | one-token forward on this CPU |
@@ -165,7 +187,13 @@ this 2-core CPU it is {f["target_forward_ms"] / f["draft_forward_ms"]:.1f}x chea
 dominates tiny models on CPU, so the wall-time ratio is smaller than the FLOP ratio).
 
 ## Training
-`{train}`
+Commands, in order (the second stage, when listed, fine-tunes the first's pair with the
+token-level unlikelihood loss of Welleck et al. (2020) on repeated sentence tokens, so that greedy
+decoding does not loop; the 64 most frequent tokens, articles and punctuation, may repeat):
+
+```
+{train}
+```
 
 ![loss](loss.png)
 
@@ -225,7 +253,7 @@ def main(
                                   for r, g, c in zip(rows[:20], results["greedy"].texts, results["cdlh"].texts)]
     (models / "eval.json").write_text(json.dumps(figures, indent=2))
     if (models / "loss.csv").exists():
-        plot_loss(models / "loss.csv", models / "loss.png")
+        plot_loss(models, models / "loss.png")
     (models / "README.md").write_text(model_card(figures, models))
     print(json.dumps({k: v for k, v in figures.items() if k != "greedy_examples"}, indent=2))
 
