@@ -65,14 +65,15 @@ def _forms(concept: str) -> frozenset[str]:
 
 
 @lru_cache(maxsize=65536)
-def _lemmas(word: str) -> frozenset[str]:
+def lemmas(word: str) -> frozenset[str]:
+    """The lemmas lemminflect knows for a word, of any part of speech (empty for unknown words)."""
     return frozenset(lemma for values in getAllLemmas(word).values() for lemma in values)
 
 
 def covered(text: str, concepts: Sequence[str]) -> list[bool]:
     """Which concepts `text` uses, in any inflection, as whole words, ignoring case."""
     words = set(WORD.findall(text.lower()))
-    lemmas = set().union(*(_lemmas(w) for w in words)) if words else set()
+    lemmas = set().union(*(lemmas(w) for w in words)) if words else set()
     out = []
     for concept in concepts:
         parts = concept.lower().split()

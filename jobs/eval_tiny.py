@@ -101,25 +101,15 @@ def forward_ms(lm: LM, repeats: int = 50) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def read_losses(models: Path) -> list[dict]:
-    """loss.csv, then the fine-tuning stage's loss-ul.csv (if any) with its epochs continuing."""
-    rows: list[dict] = []
-    for name in ("loss.csv", "loss-ul.csv"):
-        if (models / name).exists():
-            offset = float(rows[-1]["epoch"]) if rows else 0.0
-            with open(models / name) as f:
-                rows += [{**r, "epoch": float(r["epoch"]) + offset, "stage": name} for r in csv.DictReader(f)]
-    return rows
-
-
 def plot_loss(models: Path, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_losses(models)
-    epoch = [r["epoch"] for r in rows]
+    with open(models / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    epoch = [float(r["epoch"]) for r in rows]
 
     def smooth(key: str, w: int = 50) -> list[float]:
         vals = [float(r[key]) for r in rows]
@@ -128,13 +118,9 @@ def plot_loss(models: Path, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name in ("target", "draft"):
         line, = ax.plot(epoch, smooth(f"{name}_loss"), label=f"{name} train (50-step mean)")
-        held = [(r["epoch"], float(r[f"{name}_heldout"])) for r in rows if r.get(f"{name}_heldout")]
+        held = [(float(r["epoch"]), float(r[f"{name}_heldout"])) for r in rows if r.get(f"{name}_heldout")]
         if held:
             ax.plot(*zip(*held), "o", ms=3, color=line.get_color(), label=f"{name} held-out")
-    stages = [r["epoch"] for a, r in zip(rows, rows[1:]) if a["stage"] != r["stage"]]
-    for x in stages:
-        ax.axvline(x, color="grey", ls="--", lw=1)
-        ax.text(x, ax.get_ylim()[1], " + unlikelihood", va="top", fontsize=8, color="grey")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Tiny CommonGen pair: training loss")
@@ -187,13 +173,7 @@ this 2-core CPU it is {f["target_forward_ms"] / f["draft_forward_ms"]:.1f}x chea
 dominates tiny models on CPU, so the wall-time ratio is smaller than the FLOP ratio).
 
 ## Training
-Commands, in order (the second stage, when listed, fine-tunes the first's pair with the
-token-level unlikelihood loss of Welleck et al. (2020) on repeated sentence tokens, so that greedy
-decoding does not loop; the 64 most frequent tokens, articles and punctuation, may repeat):
-
-```
-{train}
-```
+`{train}`
 
 ![loss](loss.png)
 

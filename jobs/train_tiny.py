@@ -30,6 +30,7 @@ import torch
 import typer
 from tqdm import tqdm
 
+from cdsl.rewards import lemmas
 from cdsl.tasks import commongen_prompt
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commongen"
@@ -66,17 +67,14 @@ def split_heldout(pairs: list[tuple[list[str], str]], n_sets: int, rng: random.R
 
 def content_words(pairs: list[tuple[list[str], str]]) -> list[list[str]]:
     """Per sentence, the distinct lemmas of its words that occur as concepts somewhere in train."""
-    from lemminflect import getAllLemmas
-
     vocab = {c for concepts, _ in pairs for c in concepts}
     out = []
     for _, sentence in pairs:
         found: list[str] = []
         for word in re.findall(r"[a-z]+", sentence.lower()):
-            lemmas = [w for forms in getAllLemmas(word).values() for w in forms] + [word]
-            hit = next((w for w in lemmas if w in vocab), None)
-            if hit and hit not in found:
-                found.append(hit)
+            hits = sorted((lemmas(word) | {word}) & vocab)  # sorted: a set's order varies per process
+            if hits and hits[0] not in found:
+                found.append(hits[0])
         out.append(found)
     return out
 
@@ -253,7 +251,7 @@ def main(
     words = content_words(pairs)
     held_rows = encode(tok, [c for c, _ in heldout], heldout)
     eos = tok.eos_token_id
-    exempt = frequent_tokens(held_rows + encode(tok, [c for c, _ in pairs], pairs), exempt_tokens)
+    exempt = frequent_tokens(encode(tok, [c for c, _ in pairs], pairs), exempt_tokens) if unlikelihood else None
     for name, m in models.items():
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters", flush=True)
     print(f"{len(pairs)} training pairs, {len(heldout)} held out; "
