@@ -73,11 +73,11 @@ def lemmas(word: str) -> frozenset[str]:
 def covered(text: str, concepts: Sequence[str]) -> list[bool]:
     """Which concepts `text` uses, in any inflection, as whole words, ignoring case."""
     words = set(WORD.findall(text.lower()))
-    lemmas = set().union(*(lemmas(w) for w in words)) if words else set()
+    text_lemmas = set().union(*(lemmas(w) for w in words)) if words else set()
     out = []
     for concept in concepts:
         parts = concept.lower().split()
-        out.append(all(p in lemmas or not words.isdisjoint(_forms(p)) for p in parts))
+        out.append(all(p in text_lemmas or not words.isdisjoint(_forms(p)) for p in parts))
     return out
 
 
