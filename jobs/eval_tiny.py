@@ -162,6 +162,15 @@ epoch re-draws the prompts: concept order shuffled, and for half the rows a new 
 drawn from the sentence's own words that are CommonGen concepts; the target trains with residual
 dropout 0.1.
 
+Nine in ten train sentences are stock-photo captions ("actor attends the premiere of film ."), while
+nearly all dev references are plain sentences by crowd workers. Caption-style rows (lower-case
+start or a detached final period) are therefore prompted with `Caption:` instead of `Sentence:`,
+and each plain sentence appears twice per epoch: the models learn words and scenes from the
+captions, and the task prompt's `Sentence:` asks for the plain style.
+
+The weights are stored in float16 (the configs say float32, so `from_pretrained` loads float32)
+to keep the folder under 60 MB.
+
 ## Sizes
 | model | parameters | layers x hidden | one-token forward on this CPU |
 |---|---|---|---|

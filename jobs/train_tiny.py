@@ -14,6 +14,12 @@ concept set drawn from the sentence's own content words), the target trains with
 dropout, and the models kept are those with the lowest loss on concept sets held out from train.
 Checkpoints are standard Hugging Face folders written whenever the held-out loss improves, so an
 interrupted run still leaves usable models; the loss history goes to `loss.csv`.
+
+Nine in ten CommonGen train sentences are stock-photo captions ("actor attends the premiere of
+film ."); the rest, and nearly all dev references, are plain sentences written by crowd workers.
+A model trained on the mix writes captions. So caption rows are prompted with a different cue
+(`Caption:` instead of the task's `Sentence:`, see `style_prompt`): the model still learns words
+and scenes from them, and the task prompt asks for the crowd style.
 """
 
 from __future__ import annotations
@@ -44,12 +50,25 @@ def load_pairs(data: Path) -> list[tuple[list[str], str]]:
     return [(s.split(), t.strip()) for s, t in zip(src, tgt) if s.strip() and t.strip()]
 
 
+def is_caption(sentence: str) -> bool:
+    """Stock-photo caption style: lower-case start or a detached final period ("... festival .")."""
+    return sentence[:1].islower() or sentence.endswith(" .")
+
+
+def style_prompt(concepts: list[str], sentence: str, tags: bool = True) -> str:
+    """The task prompt, or with `tags` the caption cue for caption-style sentences."""
+    prompt = commongen_prompt(concepts)
+    if tags and is_caption(sentence):
+        return prompt.removesuffix("Sentence:") + "Caption:"
+    return prompt
+
+
 def train_tokenizer(pairs: list[tuple[list[str], str]], vocab_size: int, out: Path):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    texts = [commongen_prompt(c) + " " + t for c, t in pairs]
+    texts = [style_prompt(c, t) + " " + t for c, t in pairs]
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
                                   pad_token=EOS, unk_token=EOS, model_max_length=256)
@@ -93,9 +112,9 @@ def draw_prompts(pairs, words: list[list[str]], augment: float, rng: random.Rand
     return prompts
 
 
-def encode(tok, prompts: list[list[str]], pairs) -> list[tuple[list[int], int]]:
+def encode(tok, prompts: list[list[str]], pairs, tags: bool = False) -> list[tuple[list[int], int]]:
     """Token ids and the prompt length (loss starts after it)."""
-    heads = tok([commongen_prompt(c) for c in prompts])["input_ids"]
+    heads = tok([style_prompt(c, s, tags) for c, (_, s) in zip(prompts, pairs)])["input_ids"]
     bodies = tok([" " + s for _, s in pairs])["input_ids"]
     return [(h + b + [tok.eos_token_id], len(h)) for h, b in zip(heads, bodies)]
 
@@ -125,6 +144,21 @@ def batches(rows, batch_size: int, pad: int, rng: random.Random, shuffle: bool =
             labels[b, n_prompt:len(row)] = torch.tensor(row[n_prompt:])
             mask[b, :len(row)] = 1
         yield ids, labels, mask
+
+
+def oversample_plain(pairs, words: list[list[str]], repeat: int):
+    """Pairs (and their content words) with each plain, non-caption sentence `repeat` times."""
+    keep = [i for i, (_, s) in enumerate(pairs) for _ in range(1 if is_caption(s) else repeat)]
+    return [pairs[i] for i in keep], [words[i] for i in keep]
+
+
+def save(model, folder: Path, dtype: torch.dtype) -> None:
+    """save_pretrained with the weights stored in `dtype` (the config keeps float32, so a plain
+    from_pretrained loads float32); float16 halves the folder for the 60 MB bundle."""
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # the copy would not be shared storage, so it would be written twice
+    model.save_pretrained(folder, state_dict=state)
 
 
 def make_model(vocab: int, hidden: int, layers: int, heads: int, eos: int, dropout: float = 0.0):
@@ -223,6 +257,10 @@ def main(
     exempt_tokens: int = typer.Option(64, help="This many most frequent tokens may repeat freely."),
     init: Path = typer.Option(None, help="Continue from this folder's tokenizer, target/ and draft/ "
                               "(a fine-tuning stage) instead of training from scratch."),
+    style_tags: bool = typer.Option(True, help="Prompt caption-style train sentences with `Caption:` "
+                                    "so the task's `Sentence:` asks for the plain style."),
+    plain_repeat: int = typer.Option(2, help="Times each plain (non-caption) sentence appears per epoch."),
+    save_dtype: str = typer.Option("float16", help="Dtype the weights are stored in: float16 or float32."),
 ) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -249,12 +287,15 @@ def main(
         }
     tok.save_pretrained(out / "draft")
     words = content_words(pairs)
-    held_rows = encode(tok, [c for c, _ in heldout], heldout)
+    pairs, words = oversample_plain(pairs, words, plain_repeat)
+    held_rows = encode(tok, [c for c, _ in heldout], heldout, style_tags)
+    store = {"float16": torch.float16, "float32": torch.float32}[save_dtype]
     eos = tok.eos_token_id
     exempt = frequent_tokens(encode(tok, [c for c, _ in pairs], pairs), exempt_tokens) if unlikelihood else None
     for name, m in models.items():
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters", flush=True)
-    print(f"{len(pairs)} training pairs, {len(heldout)} held out; "
+    print(f"{len(pairs)} training rows per epoch ({sum(not is_caption(s) for _, s in pairs)} plain), "
+          f"{len(heldout)} held out; "
           f"{sum(len(w) >= 3 for w in words) / len(words):.0%} can be re-prompted", flush=True)
     steps_per_epoch = len(pairs) // batch_size
     total = int(steps_per_epoch * epochs)
@@ -279,7 +320,7 @@ def main(
     bar = tqdm(total=total, desc="train", mininterval=30)
     done = False
     while not done:
-        rows = encode(tok, draw_prompts(pairs, words, augment, rng), pairs)
+        rows = encode(tok, draw_prompts(pairs, words, augment, rng), pairs, style_tags)
         for ids, labels, mask in batches(rows, batch_size, eos, rng):
             losses = {}
             for name, m in models.items():
@@ -303,7 +344,7 @@ def main(
                 for name, m in models.items():
                     if held[name] < best[name]:
                         best[name] = held[name]
-                        m.save_pretrained(out / name)
+                        save(m, out / name, store)
                 tqdm.write(f"step {step}: held-out loss target {held['target']:.3f} draft {held['draft']:.3f}")
             writer.writerow([step, f"{step / steps_per_epoch:.3f}", f"{losses['target']:.4f}",
                              f"{losses['draft']:.4f}", f"{elapsed:.0f}",

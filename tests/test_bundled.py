@@ -46,6 +46,37 @@ def test_prompts_are_redrawn_from_the_sentence_words():
     assert len({tuple(sorted(e[3])) for e in redrawn}) > 1  # a prompt is not a fixed key
 
 
+def test_caption_style_rows_get_the_caption_cue_and_plain_rows_are_repeated():
+    assert train_tiny.is_caption("actor attends the premiere of film .")
+    assert train_tiny.is_caption("businessperson attends the opening of the exhibition")
+    assert not train_tiny.is_caption("A dog catches a frisbee.")
+    assert train_tiny.style_prompt(["dog", "cat"], "A dog runs.") == "Concepts: dog, cat\nSentence:"
+    assert train_tiny.style_prompt(["dog", "cat"], "a dog runs .") == "Concepts: dog, cat\nCaption:"
+    assert train_tiny.style_prompt(["dog", "cat"], "a dog runs .", tags=False) == "Concepts: dog, cat\nSentence:"
+    pairs = PAIRS + [(["dog", "run"], "dog runs on the beach .")]
+    words = train_tiny.content_words(pairs)
+    more, more_words = train_tiny.oversample_plain(pairs, words, 3)
+    assert len(more) == 3 * len(PAIRS) + 1 and more.count(pairs[-1]) == 1
+    assert all(words[pairs.index(p)] == w for p, w in zip(more, more_words))  # still aligned
+
+
+def test_weights_stored_in_float16_load_as_float32_with_tied_embeddings(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = train_tiny.make_model(64, 32, 2, 2, eos=0).eval()
+    train_tiny.save(model, tmp_path, torch.float16)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # written once, re-tied on load
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float16
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.dtype == torch.float32
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-3, rtol=0)
+
+
 def test_residual_dropout_acts_only_in_training_and_saves_a_plain_llama(tmp_path):
     torch.manual_seed(0)
     model = train_tiny.make_model(64, 32, 2, 2, eos=0, dropout=0.5)
@@ -136,3 +167,10 @@ def test_bundled_card_figures_match_eval_json():
     fl = figures["fluency"]
     assert f"{figures['reference_perplexity']:.1f}" in card
     assert f"{fl['greedy']['fluent']:.1%}" in card and f"{figures['agreement_teacher_forced']:.1%}" in card
+
+
+def test_bundled_folder_fits_60_mb_and_loads_as_float32():
+    size = sum(f.stat().st_size for f in BUNDLED.rglob("*") if f.is_file())
+    assert size <= 60e6, f"cdsl/bundled is {size / 1e6:.1f} MB, over the 60 MB the issue allows"
+    target, draft = load_pair(str(BUNDLED / "target"), str(BUNDLED / "draft"))
+    assert target.model.dtype == draft.model.dtype == torch.float32
