@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def main(
     bar.close()
     student.save_pretrained(out)
     tok.save_pretrained(out)
+    (out / "distill_command.txt").write_text("python -m jobs.distill_draft " + " ".join(sys.argv[1:]) + "\n")
     print(f"distilled {step} steps in {(time.time() - start) / 60:.1f} min -> {out}", flush=True)
 
 

@@ -133,6 +133,11 @@ def plot_loss(models: Path, png: Path) -> None:
 def model_card(f: dict, models: Path) -> str:
     """The model card, with every figure taken from this run's measurements."""
     train = (models / "train_command.txt").read_text().strip() if (models / "train_command.txt").exists() else ""
+    training = f"`{train}`"
+    distill = models / "draft" / "distill_command.txt"
+    if distill.exists():  # a draft distilled from the trained target after the joint run
+        training += ("\n\nThen the draft was distilled from the target (KL to its next-token distribution plus "
+                     f"data cross-entropy):\n`{distill.read_text().strip()}`")
     g, s, c, fl = f["greedy"], f["sd"], f["cdlh"], f["fluency"]
     fluent = " / ".join(f"{fl[m]['fluent']:.1%}" for m in ("greedy", "cdlh", "references"))
     flaws = " / ".join(f"{fl['greedy'][name]:.1%}" for name in FLAWS)
@@ -162,15 +167,6 @@ epoch re-draws the prompts: concept order shuffled, and for half the rows a new 
 drawn from the sentence's own words that are CommonGen concepts; the target trains with residual
 dropout 0.1.
 
-Nine in ten train sentences are stock-photo captions ("actor attends the premiere of film ."), while
-nearly all dev references are plain sentences by crowd workers. Caption-style rows (lower-case
-start or a detached final period) are therefore prompted with `Caption:` instead of `Sentence:`,
-and each plain sentence appears twice per epoch: the models learn words and scenes from the
-captions, and the task prompt's `Sentence:` asks for the plain style.
-
-The weights are stored in float16 (the configs say float32, so `from_pretrained` loads float32)
-to keep the folder under 60 MB.
-
 ## Sizes
 | model | parameters | layers x hidden | one-token forward on this CPU |
 |---|---|---|---|
@@ -182,7 +178,7 @@ this 2-core CPU it is {f["target_forward_ms"] / f["draft_forward_ms"]:.1f}x chea
 dominates tiny models on CPU, so the wall-time ratio is smaller than the FLOP ratio).
 
 ## Training
-`{train}`
+{training}
 
 ![loss](loss.png)
 
