@@ -41,6 +41,7 @@ from cdsl.tasks import commongen_prompt
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commongen"
 EOS = "<|endoftext|>"
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 app = typer.Typer(add_completion=False)
 
 
@@ -63,12 +64,12 @@ def style_prompt(concepts: list[str], sentence: str, tags: bool = True) -> str:
     return prompt
 
 
-def train_tokenizer(pairs: list[tuple[list[str], str]], vocab_size: int, out: Path):
+def train_tokenizer(pairs: list[tuple[list[str], str]], vocab_size: int, out: Path, tags: bool = False):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    texts = [style_prompt(c, t) + " " + t for c, t in pairs]
+    texts = [style_prompt(c, t, tags) + " " + t for c, t in pairs]
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
                                   pad_token=EOS, unk_token=EOS, model_max_length=256)
@@ -264,6 +265,10 @@ def main(
     save_dtype: str = typer.Option("float32", help="Dtype the weights are stored in: float32, or float16 "
                                    "for half the folder size (the config stays float32)."),
 ) -> None:
+    if save_dtype not in SAVE_DTYPES:
+        raise typer.BadParameter(f"must be one of {', '.join(SAVE_DTYPES)}, not {save_dtype!r}",
+                                 param_hint="--save-dtype")
+    store = SAVE_DTYPES[save_dtype]
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = random.Random(seed)
@@ -282,7 +287,7 @@ def main(
             add_residual_dropout(models["target"], dropout)
         tok.save_pretrained(out / "target")
     else:
-        tok = train_tokenizer(pairs, vocab_size, out / "target")
+        tok = train_tokenizer(pairs, vocab_size, out / "target", style_tags)
         models = {
             "target": make_model(len(tok), target_hidden, target_layers, target_heads, tok.eos_token_id, dropout),
             "draft": make_model(len(tok), draft_hidden, draft_layers, draft_heads, tok.eos_token_id),
@@ -291,7 +296,6 @@ def main(
     words = content_words(pairs)
     pairs, words = oversample_plain(pairs, words, plain_repeat)
     held_rows = encode(tok, [c for c, _ in heldout], heldout, style_tags)
-    store = {"float16": torch.float16, "float32": torch.float32}[save_dtype]
     eos = tok.eos_token_id
     exempt = frequent_tokens(encode(tok, [c for c, _ in pairs], pairs), exempt_tokens) if unlikelihood else None
     for name, m in models.items():

@@ -125,6 +125,27 @@ def test_train_tiny_job_writes_loadable_models_and_heldout_curve(tmp_path):
     load_pair(str(stage2 / "target"), str(stage2 / "draft"))
 
 
+@needs_data
+def test_train_tiny_job_style_tags_and_float16_storage(tmp_path):
+    from safetensors import safe_open
+
+    args = ["--limit", "400", "--epochs", "0.5", "--vocab-size", "300", "--heldout-sets", "20",
+            "--target-hidden", "32", "--target-layers", "1", "--target-heads", "2",
+            "--draft-hidden", "16", "--draft-layers", "1", "--draft-heads", "1", "--batch-size", "16"]
+    result = CliRunner().invoke(train_tiny.app, ["--out", str(tmp_path / "bad"), *args, "--save-dtype", "bf16"])
+    assert result.exit_code == 2 and "--save-dtype" in result.output
+    result = CliRunner().invoke(train_tiny.app, ["--out", str(tmp_path / "tags"), *args, "--style-tags",
+                                                 "--plain-repeat", "2", "--save-dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    train, _ = train_tiny.split_heldout(train_tiny.load_pairs(DATA)[:400], 20, random.Random(0))
+    plain = sum(not train_tiny.is_caption(s) for _, s in train)
+    assert f"{len(train) + plain} training rows per epoch ({2 * plain} plain)" in result.output
+    with safe_open(str(tmp_path / "tags" / "target" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.float16
+    target, _ = load_pair(str(tmp_path / "tags" / "target"), str(tmp_path / "tags" / "draft"))
+    assert target.model.dtype == torch.float32
+
+
 def test_unlikelihood_penalises_only_repeats_of_non_exempt_sentence_tokens():
     labels = torch.tensor([[-100, 5, 6, 5, 7]])  # prompt, then the sentence 5 6 5 7
     none = torch.tensor([], dtype=torch.long)
