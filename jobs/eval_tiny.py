@@ -134,6 +134,11 @@ def model_card(f: dict, models: Path) -> str:
     """The model card, with every figure taken from this run's measurements."""
     train = (models / "train_command.txt").read_text().strip() if (models / "train_command.txt").exists() else ""
     training = f"`{train}`"
+    tuned = models / "target" / "unlikelihood_command.txt"
+    if tuned.exists():  # a target fine-tuned against its own greedy flaws after the joint run
+        training += ("\n\nThen the target was fine-tuned against the flaws of its own greedy output "
+                     "(sequence-level unlikelihood on the tokens where it repeats a phrase, loops on a word or "
+                     f"splices a non-word, alternating with data cross-entropy):\n`{tuned.read_text().strip()}`")
     distill = models / "draft" / "distill_command.txt"
     if distill.exists():  # a draft distilled from the trained target after the joint run
         training += ("\n\nThen the draft was distilled from the target (KL to its next-token distribution plus "
