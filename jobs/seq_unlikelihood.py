@@ -16,6 +16,7 @@ mean concept coverage has not fallen more than `--max-coverage-drop` below the s
 from __future__ import annotations
 
 import csv
+import math
 import random
 import re
 import sys
@@ -170,7 +171,9 @@ def main(
     out: Path = typer.Option(Path("runs/target-ul"), help="Folder for best/ and last/ checkpoints and log.csv."),
     minutes: float = typer.Option(40.0, help="Training time budget."),
     steps: int = typer.Option(2000, help="Most steps (half of them unlikelihood steps)."),
-    lr: float = typer.Option(1e-4, help="Constant learning rate after a 50-step warm-up."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate, reached after a 50-step warm-up."),
+    schedule: str = typer.Option("cosine", help="cosine: decay to zero over --steps or --minutes, whichever "
+                                 "ends first; constant: stay at --lr."),
     weight: float = typer.Option(1.0, help="Weight of the unlikelihood loss on its steps."),
     swap: float = typer.Option(0.5, help="Share of unlikelihood prompts with one concept swapped in from "
                                "another set (new combinations, as on dev)."),
@@ -186,6 +189,8 @@ def main(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if schedule not in ("cosine", "constant"):
+        raise typer.BadParameter(f"must be cosine or constant, not {schedule!r}", param_hint="--schedule")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = random.Random(seed)
@@ -201,6 +206,8 @@ def main(
     eval_sets_list = [list(c) for c in random.Random(seed + 1).sample(held_sets, min(eval_sets, len(held_sets)))]
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m jobs.seq_unlikelihood " + " ".join(sys.argv[1:])
+    if (init / "unlikelihood_command.txt").exists():  # a later stage: keep the whole recipe
+        command = (init / "unlikelihood_command.txt").read_text().strip() + "\n" + command
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     log_file = open(out / "log.csv", "w", newline="")
     log = csv.writer(log_file)
@@ -211,6 +218,16 @@ def main(
     log.writerow([0, 0, "", "", "", *(f"{start_check[k]:.4f}" for k in
                                       ("fluent", "coverage", "repeated phrase", "looping word", "unknown word"))])
     best = start_check["fluent"]
+
+    def lr_at(step: int, elapsed: float) -> float:
+        warm = lr * min(1.0, (step + 1) / 50)
+        if schedule == "constant":
+            return warm
+        # Cosine over whichever budget runs out first, so the last checkpoint is an annealed one
+        # rather than one noisy point of a constant-rate walk.
+        progress = min(1.0, max(step / steps, elapsed / (minutes * 60)))
+        return warm * 0.5 * (1 + math.cos(math.pi * progress))
+
     start, step = time.time(), 0
     ce = ul = marked = 0.0
     bar = tqdm(total=steps, desc="unlikelihood", mininterval=30)
@@ -218,7 +235,7 @@ def main(
         rows = encode(tok, draw_prompts(pairs, words, 0.5, rng), pairs)
         for ids, labels, mask in batches(rows, batch_size, tok.eos_token_id, rng):
             for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / 50)
+                g["lr"] = lr_at(step, time.time() - start)
             if step % 2:
                 prompts = [commongen_prompt(c) for c in ul_prompts(pairs, ul_batch, swap, rng)]
                 u_ids, u_mask, target = unlikelihood_batch(

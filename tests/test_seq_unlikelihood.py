@@ -84,3 +84,14 @@ def test_job_writes_a_loadable_target_and_a_log(tmp_path):
     assert [r["step"] for r in rows] == ["0", "2", "4"]
     assert all(0.0 <= float(r["fluent"]) <= 1.0 for r in rows)
     assert (out / "last" / "unlikelihood_command.txt").read_text().startswith("python -m jobs.seq_unlikelihood")
+    # A second stage from that checkpoint records both commands; a bad schedule is refused by name.
+    stage2 = tmp_path / "ul2"
+    args = ["--init", str(out / "last"), "--out", str(stage2), "--steps", "2", "--eval-every", "2",
+            "--eval-sets", "4", "--ul-batch", "2", "--batch-size", "8", "--max-new-tokens", "8"]
+    bad = CliRunner().invoke(seq_unlikelihood.app, [*args, "--schedule", "linear"])
+    assert bad.exit_code != 0 and "--schedule" in bad.output
+    result = CliRunner().invoke(seq_unlikelihood.app, [*args, "--schedule", "constant"])
+    assert result.exit_code == 0, result.output
+    lines = (stage2 / "last" / "unlikelihood_command.txt").read_text().splitlines()
+    first = (out / "last" / "unlikelihood_command.txt").read_text().strip()
+    assert len(lines) == 2 and lines[0] == first and lines[1].startswith("python -m jobs.seq_unlikelihood")
