@@ -19,6 +19,7 @@ import csv
 import math
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from jobs.train_tiny import (
     split_heldout,
 )
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 app = typer.Typer(add_completion=False)
 
 
@@ -158,10 +160,14 @@ def judge(model, tok, sets: list[list[str]], vocab: set[str], max_new_tokens: in
     return result
 
 
-def checkpoint(model, tok, folder: Path, command: str) -> None:
-    """A loadable target folder that also records how it was made (the model card shows it)."""
+def checkpoint(model, init: Path, folder: Path, command: str) -> None:
+    """A loadable target folder that also records how it was made (the model card shows it). The
+    tokenizer files are copied from `init` as they were: batched greedy decoding switched the live
+    tokenizer to left padding, which must not become the saved default."""
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (init / name).exists():
+            shutil.copyfile(init / name, folder / name)
     (folder / "unlikelihood_command.txt").write_text(command + "\n")
 
 
@@ -262,10 +268,10 @@ def main(
                 log_file.flush()
                 tqdm.write(f"step {step}: fluent {check['fluent']:.1%} coverage {check['coverage']:.1%} "
                            f"(ce {ce:.3f}, marked/row {marked:.2f})")
-                checkpoint(model, tok, out / "last", command)
+                checkpoint(model, init, out / "last", command)
                 if check["fluent"] > best and check["coverage"] >= start_check["coverage"] - max_coverage_drop:
                     best = check["fluent"]
-                    checkpoint(model, tok, out / "best", command)
+                    checkpoint(model, init, out / "best", command)
             if done:
                 break
     bar.close()

@@ -78,6 +78,8 @@ def test_job_writes_a_loadable_target_and_a_log(tmp_path):
         "--eval-sets", "6", "--ul-batch", "4", "--batch-size", "8", "--max-new-tokens", "12"])
     assert result.exit_code == 0, result.output
     target, draft = load_pair(str(out / "last"), str(BUNDLED / "draft"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # saved as given, not left-padded
+        assert (out / "last" / name).read_bytes() == (BUNDLED / "target" / name).read_bytes()
     assert target.vocab_size == draft.vocab_size
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
