@@ -130,6 +130,11 @@ def plot_loss(models: Path, png: Path) -> None:
     fig.savefig(png, dpi=100)
 
 
+def block(command_file: Path) -> str:
+    """A recorded command file (one line per stage) as a fenced code block."""
+    return "```\n" + command_file.read_text().strip() + "\n```"
+
+
 def model_card(f: dict, models: Path) -> str:
     """The model card, with every figure taken from this run's measurements."""
     train = (models / "train_command.txt").read_text().strip() if (models / "train_command.txt").exists() else ""
@@ -138,11 +143,11 @@ def model_card(f: dict, models: Path) -> str:
     if tuned.exists():  # a target fine-tuned against its own greedy flaws after the joint run
         training += ("\n\nThen the target was fine-tuned against the flaws of its own greedy output "
                      "(sequence-level unlikelihood on the tokens where it repeats a phrase, loops on a word or "
-                     f"splices a non-word, alternating with data cross-entropy):\n`{tuned.read_text().strip()}`")
+                     f"splices a non-word, alternating with data cross-entropy), in stages:\n{block(tuned)}")
     distill = models / "draft" / "distill_command.txt"
     if distill.exists():  # a draft distilled from the trained target after the joint run
         training += ("\n\nThen the draft was distilled from the target (KL to its next-token distribution plus "
-                     f"data cross-entropy):\n`{distill.read_text().strip()}`")
+                     f"data cross-entropy):\n{block(distill)}")
     g, s, c, fl = f["greedy"], f["sd"], f["cdlh"], f["fluency"]
     fluent = " / ".join(f"{fl[m]['fluent']:.1%}" for m in ("greedy", "cdlh", "references"))
     flaws = " / ".join(f"{fl['greedy'][name]:.1%}" for name in FLAWS)
