@@ -211,7 +211,7 @@ def main(
     held_sets = sorted({tuple(c) for c, _ in heldout})
     eval_sets_list = [list(c) for c in random.Random(seed + 1).sample(held_sets, min(eval_sets, len(held_sets)))]
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m jobs.seq_unlikelihood " + " ".join(sys.argv[1:])
+    command = " ".join(["python -m jobs.seq_unlikelihood", *sys.argv[1:]])
     if (init / "unlikelihood_command.txt").exists():  # a later stage: keep the whole recipe
         command = (init / "unlikelihood_command.txt").read_text().strip() + "\n" + command
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
