@@ -48,7 +48,9 @@ def teacher_forced(target: LM, draft: LM, rows: list[dict]) -> dict:
     return {"reference_perplexity": math.exp(nll / count), "agreement_teacher_forced": agree / count}
 
 
-FLAWS = ("unknown word", "repeated phrase", "looping word")
+FLAWS = ("unknown word", "repeated phrase", "looping word", "punctuation run")
+PUNCTUATION = r"[^\w\s]"
+PUNCTUATION_RUN = re.compile(PUNCTUATION + "{4,}")
 STOPWORDS = frozenset("a an the of in on at to and with is are was his her their its for by from up".split())
 
 
@@ -60,7 +62,8 @@ def training_words(data: Path = DEV.parent) -> set[str]:
 def fluency_flaws(text: str, vocab: set[str]) -> list[str]:
     """What makes a sentence read as broken, by rules that a human reference almost never breaks:
     a word the training data never has (a BPE splice such as "carcycle"), a repeated two-word
-    phrase with a content word ("a dog ... a dog"), or a content word three times (a loop)."""
+    phrase with a content word ("a dog ... a dog"), a content word three times (a loop), or four
+    punctuation marks in a row ("dance-----"; CommonGen train has "..." but never four)."""
     words = re.findall(r"[a-z]+", text.lower())
     flaws = []
     if not words:
@@ -73,6 +76,8 @@ def fluency_flaws(text: str, vocab: set[str]) -> list[str]:
     content = [w for w in words if w not in STOPWORDS]
     if any(content.count(w) >= 3 for w in set(content)):
         flaws.append("looping word")
+    if PUNCTUATION_RUN.search(text):
+        flaws.append("punctuation run")
     return flaws
 
 
@@ -206,7 +211,8 @@ dominates tiny models on CPU, so the wall-time ratio is smaller than the FLOP ra
 
 The rule check (`jobs.eval_tiny.fluency_flaws`) calls a sentence broken if it has a word that no
 training sentence has (a BPE splice such as "carcycle"), repeats a two-word phrase that has a
-content word ("a dog ... a dog"), or uses one content word three times. It is a proxy: it cannot
+content word ("a dog ... a dog"), uses one content word three times, or has four punctuation
+marks in a row ("dance-----"). It is a proxy: it cannot
 see bad grammar without repetition, so read the examples too. Human references pass it nearly
 always, which is what makes it a fair bar.
 

@@ -8,9 +8,10 @@ of grassy fields and a field"), repeated phrases, and BPE splices that are not w
 Every other step here decodes a batch of training prompts greedily, marks the tokens where the
 continuation first goes wrong by the rules of `jobs.eval_tiny.fluency_flaws`, and lowers their
 probability with -log(1 - p); the steps between are ordinary cross-entropy on CommonGen train, so
-the model keeps the language it has. Held-out train concept sets (never CommonGen dev) are decoded
-every `--eval-every` steps; `best/` is the checkpoint with the most flawless greedy outputs whose
-mean concept coverage has not fallen more than `--max-coverage-drop` below the start.
+the model keeps the language it has. Held-out train concept sets (never CommonGen dev), with the
+same share of swapped concepts as the prompts, are decoded every `--eval-every` steps; `best/` is
+the checkpoint with the most flawless greedy outputs whose mean concept coverage has not fallen
+more than `--max-coverage-drop` below the start.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from cdsl.rewards import coverage
 from cdsl.tasks import commongen_prompt
-from jobs.eval_tiny import STOPWORDS, fluency, training_words
+from jobs.eval_tiny import FLAWS, PUNCTUATION, STOPWORDS, fluency, training_words
 from jobs.train_tiny import (
     DATA,
     add_residual_dropout,
@@ -66,8 +67,9 @@ def word_spans(pieces: list[str]) -> list[tuple[str, list[int]]]:
 def flaw_positions(pieces: list[str], vocab: set[str], prefixes: set[str]) -> list[int]:
     """Token positions where a continuation first breaks a fluency rule: the first token of a word
     that repeats an earlier two-word phrase (unless both words are stopwords) or that is a content
-    word used twice already, and the token that turns a word into one no training sentence has."""
-    bad: set[int] = set()
+    word used twice already, the token that turns a word into one no training sentence has, and the
+    token that makes a fourth punctuation mark in a row."""
+    bad = set(punctuation_run_start(pieces))
     seen_pairs: set[tuple[str, str]] = set()
     counts: dict[str, int] = {}
     words = word_spans(pieces)
@@ -89,6 +91,18 @@ def flaw_positions(pieces: list[str], vocab: set[str], prefixes: set[str]) -> li
                     bad.add(p)
                     break
     return sorted(bad)
+
+
+def punctuation_run_start(pieces: list[str]) -> list[int]:
+    """The token (if any) whose characters first make four punctuation marks in a row (the
+    "punctuation run" rule), counted across token boundaries."""
+    run = 0
+    for i, piece in enumerate(pieces):
+        for ch in piece:
+            run = run + 1 if re.fullmatch(PUNCTUATION, ch) else 0
+            if run == 4:
+                return [i]
+    return []
 
 
 def ul_prompts(pairs, n: int, swap: float, rng: random.Random) -> list[list[str]]:
@@ -181,8 +195,8 @@ def main(
     schedule: str = typer.Option("cosine", help="cosine: decay to zero over --steps or --minutes, whichever "
                                  "ends first; constant: stay at --lr."),
     weight: float = typer.Option(1.0, help="Weight of the unlikelihood loss on its steps."),
-    swap: float = typer.Option(0.5, help="Share of unlikelihood prompts with one concept swapped in from "
-                               "another set (new combinations, as on dev)."),
+    swap: float = typer.Option(0.5, help="Share of unlikelihood prompts (and held-out check sets) with one "
+                               "concept swapped in from another set (new combinations, as on dev)."),
     batch_size: int = 64, ul_batch: int = typer.Option(48, help="Prompts decoded per unlikelihood step."),
     max_new_tokens: int = typer.Option(48, help="Greedy continuation length (DecodeConfig's default)."),
     dropout: float = typer.Option(0.1, help="Residual dropout on the cross-entropy steps, as in training."),
@@ -209,7 +223,10 @@ def main(
     vocab = training_words(data)
     prefixes = {w[:i] for w in vocab for i in range(1, len(w) + 1)}
     held_sets = sorted({tuple(c) for c, _ in heldout})
-    eval_sets_list = [list(c) for c in random.Random(seed + 1).sample(held_sets, min(eval_sets, len(held_sets)))]
+    # The check draws its sets the way the unlikelihood prompts are drawn (with --swap), so that it
+    # measures the new combinations dev asks for, not only sets like the training ones.
+    held = [(list(c), "") for c in held_sets]
+    eval_sets_list = ul_prompts(held, min(eval_sets, len(held)), swap, random.Random(seed + 1))
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m jobs.seq_unlikelihood", *sys.argv[1:]])
     if (init / "unlikelihood_command.txt").exists():  # a later stage: keep the whole recipe
@@ -217,12 +234,10 @@ def main(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     log_file = open(out / "log.csv", "w", newline="")
     log = csv.writer(log_file)
-    log.writerow(["step", "seconds", "ce", "ul", "marked", "fluent", "coverage", "repeated phrase",
-                  "looping word", "unknown word"])
+    log.writerow(["step", "seconds", "ce", "ul", "marked", "fluent", "coverage", *FLAWS])
     start_check = judge(model, tok, eval_sets_list, vocab, max_new_tokens)
     print(f"start: fluent {start_check['fluent']:.1%} coverage {start_check['coverage']:.1%}", flush=True)
-    log.writerow([0, 0, "", "", "", *(f"{start_check[k]:.4f}" for k in
-                                      ("fluent", "coverage", "repeated phrase", "looping word", "unknown word"))])
+    log.writerow([0, 0, "", "", "", *(f"{start_check[k]:.4f}" for k in ("fluent", "coverage", *FLAWS))])
     best = start_check["fluent"]
 
     def lr_at(step: int, elapsed: float) -> float:
@@ -263,8 +278,7 @@ def main(
             if step % eval_every == 0 or done:
                 check = judge(model, tok, eval_sets_list, vocab, max_new_tokens)
                 log.writerow([step, f"{time.time() - start:.0f}", f"{ce:.4f}", f"{ul:.4f}", f"{marked:.2f}",
-                              *(f"{check[k]:.4f}" for k in
-                                ("fluent", "coverage", "repeated phrase", "looping word", "unknown word"))])
+                              *(f"{check[k]:.4f}" for k in ("fluent", "coverage", *FLAWS))])
                 log_file.flush()
                 tqdm.write(f"step {step}: fluent {check['fluent']:.1%} coverage {check['coverage']:.1%} "
                            f"(ce {ce:.3f}, marked/row {marked:.2f})")

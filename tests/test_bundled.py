@@ -168,6 +168,8 @@ def test_fluency_rules():
     assert fluency_flaws("A man is using a dog with a dog.", vocab) == ["repeated phrase"]
     assert fluency_flaws("the side of the side of the side", vocab) == ["repeated phrase", "looping word"]
     assert fluency_flaws("A man on a carcycle.", vocab) == ["unknown word"]
+    assert fluency_flaws("A dog catches a frisbee ----", vocab) == ["punctuation run"]
+    assert fluency_flaws("A dog ... catches a frisbee.", vocab) == []
     assert fluency(["A dog catches a frisbee.", "a dog a dog"], vocab)["fluent"] == 0.5
 
 

@@ -35,6 +35,9 @@ def test_flaws_marked_where_the_text_first_goes_wrong():
     stop_repeat = [" a", " man", " in", " the", " room", " in", " the", " field"]
     assert flaw_positions(stop_repeat, VOCAB, PREFIXES) == []  # "in the" twice is ordinary English
     assert flaw_positions([" a", " man", " dancing", "."], VOCAB, PREFIXES) == []
+    dashes = [" a", " man", " is", " dancing", "--", "-", "---", "-"]
+    assert flaw_positions(dashes, VOCAB, PREFIXES) == [6]  # the fourth mark in a row, across tokens
+    assert flaw_positions([" a", " man", "...", " dancing", "."], VOCAB, PREFIXES) == []  # an ellipsis is fine
 
 
 def test_unlikelihood_step_lowers_the_marked_tokens_only():
