@@ -83,7 +83,10 @@ def main(
     bar.close()
     student.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "distill_command.txt").write_text("python -m jobs.distill_draft " + " ".join(sys.argv[1:]) + "\n")
+    command = " ".join(["python -m jobs.distill_draft", *sys.argv[1:]])
+    if init and (init / "distill_command.txt").exists():  # a later distillation keeps the earlier ones
+        command = (init / "distill_command.txt").read_text().strip() + "\n" + command
+    (out / "distill_command.txt").write_text(command + "\n")
     print(f"distilled {step} steps in {(time.time() - start) / 60:.1f} min -> {out}", flush=True)
 
 
