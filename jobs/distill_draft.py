@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import typer
 from tqdm import tqdm
 
+from jobs.recipe import command_line
 from jobs.train_tiny import DATA, batches, content_words, draw_prompts, encode, load_pairs, make_model
 
 app = typer.Typer(add_completion=False)
@@ -83,10 +83,8 @@ def main(
     bar.close()
     student.save_pretrained(out)
     tok.save_pretrained(out)
-    command = " ".join(["python -m jobs.distill_draft", *sys.argv[1:]])
-    if init and (init / "distill_command.txt").exists():  # a later distillation keeps the earlier ones
-        command = (init / "distill_command.txt").read_text().strip() + "\n" + command
-    (out / "distill_command.txt").write_text(command + "\n")
+    earlier = init / "distill_command.txt" if init else None
+    (out / "distill_command.txt").write_text(command_line("jobs.distill_draft", earlier) + "\n")
     print(f"distilled {step} steps in {(time.time() - start) / 60:.1f} min -> {out}", flush=True)
 
 

@@ -212,9 +212,8 @@ dominates tiny models on CPU, so the wall-time ratio is smaller than the FLOP ra
 The rule check (`jobs.eval_tiny.fluency_flaws`) calls a sentence broken if it has a word that no
 training sentence has (a BPE splice such as "carcycle"), repeats a two-word phrase that has a
 content word ("a dog ... a dog"), uses one content word three times, or has four punctuation
-marks in a row ("dance-----"). It is a proxy: it cannot
-see bad grammar without repetition, so read the examples too. Human references pass it nearly
-always, which is what makes it a fair bar.
+marks in a row ("dance-----"). It is a proxy: it cannot see bad grammar without repetition, so
+read the examples too. Human references pass it nearly always, which is what makes it a fair bar.
 
 Examples, the first {len(f["greedy_examples"])} dev concept sets (greedy, then CDLH):
 

@@ -21,7 +21,6 @@ import math
 import random
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from cdsl.rewards import coverage
 from cdsl.tasks import commongen_prompt
 from jobs.eval_tiny import FLAWS, PUNCTUATION, STOPWORDS, fluency, training_words
+from jobs.recipe import command_line
 from jobs.train_tiny import (
     DATA,
     add_residual_dropout,
@@ -228,9 +228,7 @@ def main(
     held = [(list(c), "") for c in held_sets]
     eval_sets_list = ul_prompts(held, min(eval_sets, len(held)), swap, random.Random(seed + 1))
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python -m jobs.seq_unlikelihood", *sys.argv[1:]])
-    if (init / "unlikelihood_command.txt").exists():  # a later stage: keep the whole recipe
-        command = (init / "unlikelihood_command.txt").read_text().strip() + "\n" + command
+    command = command_line("jobs.seq_unlikelihood", init / "unlikelihood_command.txt")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     log_file = open(out / "log.csv", "w", newline="")
     log = csv.writer(log_file)

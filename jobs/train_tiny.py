@@ -28,7 +28,6 @@ import csv
 import math
 import random
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 from cdsl.rewards import lemmas
 from cdsl.tasks import commongen_prompt
+from jobs.recipe import command_line
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commongen"
 EOS = "<|endoftext|>"
@@ -276,7 +276,7 @@ def main(
     if limit:
         pairs = pairs[:limit]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_command.txt").write_text("python -m jobs.train_tiny " + " ".join(sys.argv[1:]) + "\n")
+    (out / "train_command.txt").write_text(command_line("jobs.train_tiny") + "\n")
     pairs, heldout = split_heldout(pairs, heldout_sets, rng)
     if init:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -36,3 +36,16 @@ def test_distill_job_writes_a_loadable_draft_and_keeps_the_earlier_stages(tmp_pa
     earlier = (bundled / "draft" / "distill_command.txt").read_text().splitlines()
     lines = (out / "distill_command.txt").read_text().splitlines()
     assert lines[:-1] == earlier and lines[-1].startswith("python -m jobs.distill_draft")
+
+
+def test_command_line_keeps_earlier_stages(tmp_path, monkeypatch):
+    from jobs.recipe import command_line
+
+    monkeypatch.setattr("sys.argv", ["ignored", "--out", "runs/b"])
+    assert command_line("jobs.x") == "python -m jobs.x --out runs/b"
+    monkeypatch.setattr("sys.argv", ["ignored"])
+    assert command_line("jobs.x") == "python -m jobs.x"  # no trailing space from an empty argv
+    earlier = tmp_path / "cmd.txt"
+    assert command_line("jobs.x", earlier) == "python -m jobs.x"  # no earlier stage recorded
+    earlier.write_text("python -m jobs.x --out runs/a\n")
+    assert command_line("jobs.x", earlier) == "python -m jobs.x --out runs/a\npython -m jobs.x"
