@@ -28,9 +28,8 @@ import torch
 import typer
 from tqdm import tqdm
 
-from cdsl.rewards import coverage
 from cdsl.tasks import commongen_prompt
-from jobs.eval_tiny import FLAWS, PUNCTUATION, STOPWORDS, fluency, training_words
+from jobs.eval_tiny import FLAWS, PUNCTUATION, STOPWORDS, batched_greedy, judge, training_words
 from jobs.recipe import command_line
 from jobs.train_tiny import (
     DATA,
@@ -67,8 +66,8 @@ def word_spans(pieces: list[str]) -> list[tuple[str, list[int]]]:
 def flaw_positions(pieces: list[str], vocab: set[str], prefixes: set[str]) -> list[int]:
     """Token positions where a continuation first breaks a fluency rule: the first token of a word
     that repeats an earlier two-word phrase (unless both words are stopwords) or that is a content
-    word used twice already, the token that turns a word into one no training sentence has, and the
-    token that makes a fourth punctuation mark in a row."""
+    word used twice already, where a word no training sentence has goes wrong (`unknown_word_start`),
+    and the token that makes a fourth punctuation mark in a row."""
     bad = set(punctuation_run_start(pieces))
     seen_pairs: set[tuple[str, str]] = set()
     counts: dict[str, int] = {}
@@ -84,13 +83,22 @@ def flaw_positions(pieces: list[str], vocab: set[str], prefixes: set[str]) -> li
                 bad.add(positions[0])
             counts[word] = counts.get(word, 0) + 1
         if word not in vocab:
-            spelled = ""
-            for p in positions:
-                spelled += re.sub(r"[^a-z]", "", pieces[p].lower())
-                if spelled not in prefixes:
-                    bad.add(p)
-                    break
-    return sorted(bad)
+            bad.add(unknown_word_start(pieces, positions, prefixes))
+    return sorted(p for p in bad if p < len(pieces))
+
+
+def unknown_word_start(pieces: list[str], positions: list[int], prefixes: set[str]) -> int:
+    """Where a word that no training sentence has goes wrong: the token that turns it into a string
+    no training word starts with ("dance" + "ing"), or, for a word cut short ("po" + "ck", a prefix
+    of "pocket"), the token that ends it: its last one if that also holds what follows the letters
+    ("ck,"), else the next (a position past the end when the text stops there)."""
+    spelled = ""
+    for p in positions:
+        spelled += re.sub(r"[^a-z]", "", pieces[p].lower())
+        if spelled not in prefixes:
+            return p
+    last = positions[-1]
+    return last if re.search(r"[^A-Za-z]$", pieces[last]) else last + 1
 
 
 def punctuation_run_start(pieces: list[str]) -> list[int]:
@@ -120,21 +128,6 @@ def ul_prompts(pairs, n: int, swap: float, rng: random.Random) -> list[list[str]
     return sets
 
 
-@torch.inference_mode()
-def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations (token ids, cut at end of text) of a batch of prompts."""
-    model.eval()
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    model.train()
-    rows = []
-    for seq in out[:, enc["input_ids"].shape[1]:].tolist():
-        rows.append(seq[:seq.index(tok.eos_token_id)] if tok.eos_token_id in seq else seq)
-    return rows
-
-
 def unlikelihood_batch(tok, prompts: list[str], conts: list[list[int]], vocab: set[str],
                        prefixes: set[str]):
     """Right-padded prompt + continuation ids, attention mask, and a 0/1 mask of the positions whose
@@ -162,22 +155,10 @@ def sequence_unlikelihood(logits: torch.Tensor, ids: torch.Tensor, target: torch
     return -torch.log((1 - p[marked]).clamp(min=1e-5)).mean()
 
 
-def judge(model, tok, sets: list[list[str]], vocab: set[str], max_new_tokens: int) -> dict[str, float]:
-    """Rule-check fluency and mean coverage of greedy outputs for concept sets."""
-    texts: list[str] = []
-    for i in range(0, len(sets), 32):
-        chunk = sets[i:i + 32]
-        conts = greedy(model, tok, [commongen_prompt(c) for c in chunk], max_new_tokens)
-        texts += [tok.decode(c).strip() for c in conts]
-    result = fluency(texts, vocab)
-    result["coverage"] = sum(coverage(t, c) for t, c in zip(texts, sets)) / len(sets)
-    return result
-
-
 def checkpoint(model, init: Path, folder: Path, command: str) -> None:
     """A loadable target folder that also records how it was made (the model card shows it). The
-    tokenizer files are copied from `init` as they were: batched greedy decoding switched the live
-    tokenizer to left padding, which must not become the saved default."""
+    tokenizer files are copied from `init` byte for byte, so the saved tokenizer is the one it was
+    trained with."""
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (init / name).exists():
@@ -258,7 +239,7 @@ def main(
             if step % 2:
                 prompts = [commongen_prompt(c) for c in ul_prompts(pairs, ul_batch, swap, rng)]
                 u_ids, u_mask, target = unlikelihood_batch(
-                    tok, prompts, greedy(model, tok, prompts, max_new_tokens), vocab, prefixes)
+                    tok, prompts, batched_greedy(model, tok, prompts, max_new_tokens), vocab, prefixes)
                 loss = weight * sequence_unlikelihood(model(input_ids=u_ids, attention_mask=u_mask).logits,
                                                       u_ids, target)
                 ul, marked = loss.item() / max(weight, 1e-9), target.sum().item() / ul_batch
