@@ -189,6 +189,9 @@ def test_bundled_card_figures_match_eval_json():
     fl = figures["fluency"]
     assert f"{figures['reference_perplexity']:.1f}" in card
     assert f"{fl['greedy']['fluent']:.1%}" in card and f"{figures['agreement_teacher_forced']:.1%}" in card
+    every = figures["fluency_all"]
+    assert f"all {figures['all_dev_rows']} dev sets" in card
+    assert f"{every['greedy']['fluent']:.1%} / {every['references']['fluent']:.1%}" in card
     # Every recorded stage after the joint run (target fine-tunes, draft distillations) is on the card.
     for recorded in (BUNDLED / "target" / "unlikelihood_command.txt", BUNDLED / "draft" / "distill_command.txt"):
         if recorded.exists():
