@@ -175,6 +175,8 @@ def main(
     batch_size: int = 64, ul_batch: int = typer.Option(48, help="Prompts decoded per unlikelihood step."),
     max_new_tokens: int = typer.Option(48, help="Greedy continuation length (DecodeConfig's default)."),
     dropout: float = typer.Option(0.1, help="Residual dropout on the cross-entropy steps, as in training."),
+    distract: float = typer.Option(0.0, help="Share of cross-entropy rows whose prompt gets one concept of "
+                                   "another set that the sentence does not use (see draw_prompts)."),
     eval_every: int = typer.Option(100, help="Steps between held-out checks (and checkpoints)."),
     eval_sets: int = typer.Option(150, help="Held-out train concept sets decoded per check."),
     max_coverage_drop: float = typer.Option(0.02, help="best/ only among checks whose coverage is at most "
@@ -226,7 +228,7 @@ def main(
     ce = ul = marked = 0.0
     bar = tqdm(total=steps, desc="unlikelihood", mininterval=30)
     while step < steps and time.time() - start < minutes * 60:
-        rows = encode(tok, draw_prompts(pairs, words, 0.5, rng), pairs)
+        rows = encode(tok, draw_prompts(pairs, words, 0.5, rng, distract), pairs)
         for ids, labels, mask in batches(rows, batch_size, tok.eos_token_id, rng):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, time.time() - start)

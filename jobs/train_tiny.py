@@ -99,9 +99,12 @@ def content_words(pairs: list[tuple[list[str], str]]) -> list[list[str]]:
     return out
 
 
-def draw_prompts(pairs, words: list[list[str]], augment: float, rng: random.Random) -> list[list[str]]:
+def draw_prompts(pairs, words: list[list[str]], augment: float, rng: random.Random,
+                 distract: float = 0.0) -> list[list[str]]:
     """One epoch's concept lists: shuffled, and with probability `augment` a fresh 3-5 word set from
-    the sentence itself, so a prompt cannot be memorised as a key to one sentence."""
+    the sentence itself, so a prompt cannot be memorised as a key to one sentence. With probability
+    `distract` one concept of another set that the sentence does not use is added (up to five in
+    all), so the model learns that a sentence may leave out a concept it cannot fit."""
     prompts = []
     for (concepts, _), found in zip(pairs, words):
         if len(found) >= 3 and rng.random() < augment:
@@ -109,6 +112,11 @@ def draw_prompts(pairs, words: list[list[str]], augment: float, rng: random.Rand
         else:
             concepts = concepts[:]
             rng.shuffle(concepts)
+        # Checked first so that distract=0 draws nothing: earlier recipes keep their prompts.
+        if distract and len(concepts) < 5 and rng.random() < distract:
+            other = rng.choice(rng.choice(pairs)[0])
+            if other not in found and other not in concepts:
+                concepts.insert(rng.randrange(len(concepts) + 1), other)
         prompts.append(concepts)
     return prompts
 

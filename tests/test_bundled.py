@@ -46,6 +46,19 @@ def test_prompts_are_redrawn_from_the_sentence_words():
     assert len({tuple(sorted(e[3])) for e in redrawn}) > 1  # a prompt is not a fixed key
 
 
+def test_a_distractor_is_a_concept_the_sentence_does_not_use():
+    words = train_tiny.content_words(PAIRS)
+    extra = 0
+    for seed in range(20):
+        for prompt, (concepts, _), found in zip(
+                train_tiny.draw_prompts(PAIRS, words, augment=0.0, rng=random.Random(seed), distract=1.0),
+                PAIRS, words):
+            added = set(prompt) - set(concepts)
+            assert set(concepts) <= set(prompt) and len(added) <= 1 and not added & set(found)
+            extra += len(added)
+    assert extra > 20  # most rows got one (a draw that hits a used word is skipped)
+
+
 def test_caption_style_rows_get_the_caption_cue_and_plain_rows_are_repeated():
     assert train_tiny.is_caption("actor attends the premiere of film .")
     assert train_tiny.is_caption("businessperson attends the opening of the exhibition")
