@@ -5,7 +5,9 @@
 Writes MODELS/eval.json and MODELS/loss.png (from the training job's loss.csv). Figures:
 target perplexity of the first human reference, draft/target next-token agreement (teacher
 forced on references, and SD acceptance on the target's own greedy text), all-concepts coverage
-of greedy and CDLH outputs, and each model's time per single-token forward.
+of greedy and CDLH outputs, the fluency rule check (`fluency_flaws`) on them and on the references,
+the rule check of batched greedy output on every dev set, and each model's time per single-token
+forward.
 """
 
 from __future__ import annotations
