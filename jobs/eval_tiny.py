@@ -269,7 +269,8 @@ def main(
 ) -> None:
     torch.set_num_threads(threads)
     target, draft = load_pair(str(models / "target"), str(models / "draft"))
-    rows = list(read_commongen_jsonl(dev))[: limit or None]
+    every = list(read_commongen_jsonl(dev))
+    rows = every[: limit or None]
     figures: dict = {"dev_rows": len(rows), "k": k, "lookahead": lookahead, "threads": threads}
     for name, lm in (("target", target), ("draft", draft)):
         figures[f"{name}_parameters_M"] = sum(p.numel() for p in lm.model.parameters()) / 1e6
@@ -288,7 +289,6 @@ def main(
                           "references": fluency([r["references"][0] for r in rows], vocab)}
     # CDLH is too slow for every dev set on CPU, but batched greedy is not: the rule check on all of
     # them is the steadier fluency figure (200 sets give about +-3.5 points of sampling error).
-    every = list(read_commongen_jsonl(dev))
     figures["all_dev_rows"] = len(every)
     figures["fluency_all"] = {
         "greedy": judge(target.model, target.tokenizer, [r["concepts"] for r in every], vocab),

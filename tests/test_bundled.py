@@ -56,7 +56,7 @@ def test_a_distractor_is_a_concept_the_sentence_does_not_use():
             added = set(prompt) - set(concepts)
             assert set(concepts) <= set(prompt) and len(added) <= 1 and not added & set(found)
             extra += len(added)
-    assert extra > 20  # most rows got one (a draw that hits a used word is skipped)
+    assert extra > 50  # most of the 100 rows got one (a draw that hits a used word is skipped)
 
 
 def test_caption_style_rows_get_the_caption_cue_and_plain_rows_are_repeated():
