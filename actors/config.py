@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cdsl.config import BUNDLED, DecodeConfig, ModelConfig
+from cdsl.config import BUILTIN_DRAFT, DecodeConfig, ModelConfig
 
 DRAFT_RESOURCE = "draft_gpu"
 """Custom resource a node advertises to host draft workers (cheap GPUs)."""
@@ -25,9 +25,9 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    target: ModelConfig = Field(default_factory=lambda: ModelConfig(path=str(BUNDLED / "target")))
+    target: ModelConfig = Field(default_factory=ModelConfig)
     """The large model; verifies drafts and proposes CDLH candidates."""
-    draft: ModelConfig | None = Field(default_factory=lambda: ModelConfig(path=str(BUNDLED / "draft")))
+    draft: ModelConfig | None = Field(default_factory=lambda: ModelConfig(path=BUILTIN_DRAFT))
     """The small model that writes lookaheads; None for greedy/cdlh-only pipelines."""
     target_tp: int = Field(1, ge=1, le=64)
     """Tensor-parallel size of the target: that many Ray actors form one DeepSpeed AutoTP group."""

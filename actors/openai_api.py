@@ -21,7 +21,7 @@ from cdsl.generate import check_inputs
 from cdsl.methods import Generation
 from cdsl.models import Codec
 from cdsl.rewards import RewardSpec, coverage
-from cdsl.tasks import commongen_prompt
+from cdsl.tasks import chat_prompt, commongen_prompt
 
 
 class ApiError(Exception):
@@ -125,15 +125,6 @@ def _limit(value: int | None, limit: int, param: str, unit: str = "") -> None:
         raise ApiError(400, f"{param}: {value}{unit} is above this server's limit of {limit}{unit}", param)
 
 
-def chat_prompt(codec: Codec, messages: list[Message]) -> str:
-    """The model's chat template if it has one, else the Human/Assistant format of HH-RLHF."""
-    turns = [m.model_dump() for m in messages]
-    if getattr(codec.tokenizer, "chat_template", None):
-        return codec.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    names = {"system": "System", "user": "Human", "assistant": "Assistant"}
-    return "".join(f"\n\n{names[t['role']]}: {t['content']}" for t in turns) + "\n\nAssistant:"
-
-
 def to_request(body: _Common, config: ServerConfig, codec: Codec, has_draft: bool) -> Request:
     """The engine request for a validated body, after the server's limits and model names."""
     if body.model is not None and body.model != config.model_name:
@@ -154,7 +145,8 @@ def to_request(body: _Common, config: ServerConfig, codec: Codec, has_draft: boo
                        "cdsl.method")
 
     if isinstance(body, ChatRequest):
-        size, prompt = sum(len(m.content) for m in body.messages), chat_prompt(codec, body.messages)
+        size, prompt = sum(len(m.content) for m in body.messages), chat_prompt(
+            [m.model_dump() for m in body.messages], codec.tokenizer)
         param = "messages"
     else:
         prompt = body.prompt
@@ -165,7 +157,7 @@ def to_request(body: _Common, config: ServerConfig, codec: Codec, has_draft: boo
         if not prompt.strip():
             if not c.concepts:
                 raise ApiError(400, "prompt: must not be empty unless constraints.concepts is given", "prompt")
-            prompt = commongen_prompt(c.concepts)  # the task's own prompt
+            prompt = commongen_prompt(c.concepts, codec.tokenizer)  # the task's own prompt
         size, param = len(prompt), "prompt"
     _limit(size, config.max_prompt_chars, param, " characters")
 

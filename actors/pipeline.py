@@ -151,7 +151,7 @@ class Coordinator:
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
-        codec = Codec.load(config.target)
+        codec = Codec.load(config.target, "target")
         self.target = TargetGroup(config)
         self.draft = None
         if config.draft is not None:

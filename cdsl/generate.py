@@ -12,8 +12,8 @@ from cdsl.rewards import Reward
 
 def load_pair(target: ModelConfig | str, draft: ModelConfig | str | None) -> tuple[LM, LM | None]:
     """Load the target and (optionally) the draft, refusing a pair that does not share a vocabulary."""
-    target_lm = LM.load(target)
-    draft_lm = LM.load(draft) if draft is not None else None
+    target_lm = LM.load(target, "target")
+    draft_lm = LM.load(draft, "draft") if draft is not None else None
     if draft_lm is not None:
         check_same_vocab(draft_lm, target_lm)
     return target_lm, draft_lm

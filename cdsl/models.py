@@ -1,5 +1,8 @@
 """Models behind a small interface: load any Hugging Face causal LM and its tokenizer.
 
+A model path is a local folder, a hub id, a `.gguf` file (converted once into a cached folder,
+see `cdsl.pretrained`) or one of the `BUILTIN` names of the default pair.
+
 `LM` is the loaded model plus its tokenizer; `Codec` is the tokenizer alone, which is all a
 coordinator needs when the weights live in other processes. Running sequences over KV caches is
 `cdsl.store` (many caches, one batched forward) and `cdsl.decoder` (one sequence's view).
@@ -10,9 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from cdsl.config import ModelConfig
+import cdsl.draft_model  # noqa: F401  (registers the default draft's architecture)
+from cdsl import pretrained
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, ModelConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -22,19 +27,58 @@ class VocabularyMismatch(ValueError):
     """Draft and target do not share a tokenizer, so their token ids mean different things."""
 
 
+BUILTIN = {BUILTIN_TARGET: pretrained.default_target, BUILTIN_DRAFT: pretrained.default_draft}
+"""Names of the default pair -> the function that returns (and on first use makes) its folder."""
+
+
+def resolve(path: str, role: str = "model") -> str:
+    """The folder or hub id `from_pretrained` should read for a configured path; `role` names
+    the config field in errors ("target", "draft")."""
+    try:
+        if path in BUILTIN:
+            return str(BUILTIN[path]())
+        if path.endswith(".gguf"):
+            gguf = Path(path).expanduser()
+            if not gguf.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {path}")
+            return str(pretrained.convert_gguf(gguf, pretrained.gguf_cache_folder(gguf)))
+    except (OSError, ValueError) as err:
+        raise type(err)(f"{role}.path: {err}") from err
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"{role}.path: model folder not found: {path} (give a local folder, a hub id, "
+                                f"a .gguf file or one of {sorted(BUILTIN)})")
+    return path
+
+
+def eos_ids(tokenizer, folder: str | None = None) -> list[int]:
+    """Every id that ends generation: the tokenizer's EOS and all those the generation config lists."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if folder is not None:
+        try:
+            listed = GenerationConfig.from_pretrained(folder).eos_token_id
+        except OSError:
+            listed = None
+        ids += [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys(ids))
+
+
 class Codec:
     """Text <-> token ids with one tokenizer."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, eos: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
-        self.eos_id: int | None = tokenizer.eos_token_id
+        self.eos_ids: list[int] = eos if eos is not None else eos_ids(tokenizer)
+        """Token ids that end generation; the first is the one written where an EOS is needed."""
+        self.eos_id: int | None = self.eos_ids[0] if self.eos_ids else None
 
     @classmethod
-    def load(cls, config: ModelConfig | str) -> Codec:
+    def load(cls, config: ModelConfig | str, role: str = "model") -> Codec:
         cfg = config if isinstance(config, ModelConfig) else ModelConfig(path=config)
-        _check_path(cfg.path)
-        return cls(AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code))
+        folder = resolve(cfg.path, role)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+        return cls(tokenizer, eos_ids(tokenizer, folder))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -43,31 +87,25 @@ class Codec:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _check_path(path: str) -> None:
-    local = Path(path).expanduser()
-    if not local.exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
-        raise FileNotFoundError(f"model folder not found: {path} (give a local folder or a hub id)")
-
-
 class LM(Codec):
     """A causal LM and its tokenizer."""
 
-    def __init__(self, model, tokenizer, name: str = "model") -> None:
-        super().__init__(tokenizer)
+    def __init__(self, model, tokenizer, name: str = "model", eos: list[int] | None = None) -> None:
+        super().__init__(tokenizer, eos)
         self.model = model.eval()
         self.name = name
         self.device = next(model.parameters()).device
 
     @classmethod
-    def load(cls, config: ModelConfig | str) -> LM:
-        """Load from a local folder or a hub id (`from_pretrained` for model and tokenizer)."""
+    def load(cls, config: ModelConfig | str, role: str = "model") -> LM:
+        """Load a configured model (`from_pretrained` for model and tokenizer)."""
         cfg = config if isinstance(config, ModelConfig) else ModelConfig(path=config)
-        _check_path(cfg.path)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        folder = resolve(cfg.path, role)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            folder, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         ).to(cfg.device)
-        return cls(model, tokenizer, name=cfg.path)
+        return cls(model, tokenizer, name=cfg.path, eos=eos_ids(tokenizer, folder))
 
 
 def check_same_vocab(draft: LM, target: LM) -> None:

@@ -19,7 +19,7 @@ import typer
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
 from cdsl.bench import load_dataset
-from cdsl.config import BUNDLED, DecodeConfig, ModelConfig
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
 from cdsl.engine import Request, local_engine
 from cdsl.generate import generate, load_pair
 from cdsl.rewards import RewardSpec, coverage
@@ -40,15 +40,16 @@ def main(
     requests: int = typer.Option(64, help="Concurrent requests (CommonGen concept sets)."),
     method: str = typer.Option("cdsl", help="Decoding method for every request."),
     dataset: str = typer.Option("builtin", help="builtin (bundled samples), or a CommonGen/Parquet/JSONL file."),
-    target: str = typer.Option(str(BUNDLED / "target")),
-    draft: str = typer.Option(str(BUNDLED / "draft")),
+    target: str = typer.Option(BUILTIN_TARGET),
+    draft: str = typer.Option(BUILTIN_DRAFT),
     target_tp: int = typer.Option(1, help="Tensor-parallel size of the Ray target group."),
     out: Path = typer.Option(Path("runs/bench_pipeline.json"), help="Where the figures go (JSON)."),
 ) -> None:
     sets = load_dataset(dataset, requests)
     sets = [sets[i % len(sets)] for i in range(requests)]
-    reqs = [Request(commongen_prompt(c), DecodeConfig(method=method), RewardSpec(concepts=c)) for c in sets]
-    target_lm, draft_lm = load_pair(target, draft)
+    target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))
+    reqs = [Request(commongen_prompt(c, target_lm.tokenizer), DecodeConfig(method=method), RewardSpec(concepts=c))
+            for c in sets]
 
     def one_at_a_time():
         return [generate(r.prompt, target_lm, draft_lm, r.reward.build(), r.config) for r in reqs]

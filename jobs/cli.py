@@ -11,7 +11,7 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from cdsl.config import BUNDLED, DecodeConfig, ModelConfig
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, BUNDLED, DecodeConfig, ModelConfig
 from cdsl.generate import generate as run_generate
 from cdsl.generate import load_pair
 from cdsl.methods import NEEDS_DRAFT, NEEDS_REWARD
@@ -32,8 +32,8 @@ def _opt(name: str):
     return typer.Option(getattr(D, name), help=_help(name))
 
 
-TARGET = typer.Option(str(BUNDLED / "target"), help="Target model: local folder or hub id.")
-DRAFT = typer.Option(str(BUNDLED / "draft"), help="Draft model: local folder or hub id.")
+TARGET = typer.Option(BUILTIN_TARGET, help="Target model: local folder, hub id, .gguf file or builtin name.")
+DRAFT = typer.Option(BUILTIN_DRAFT, help="Draft model: local folder, hub id, .gguf file or builtin name.")
 
 
 def fail(message: str) -> None:
@@ -91,7 +91,10 @@ def generate(
     if prompt is None:
         if not concept_list:
             fail("give --prompt, or --concepts to build the CommonGen prompt")
-        prompt = commongen_prompt(concept_list)
+        try:
+            prompt = commongen_prompt(concept_list, Codec.load(target_cfg, "target").tokenizer)
+        except (OSError, ValueError) as err:
+            fail(str(err))
     has_constraint = bool(concept_list or split or regex or reward_model)
     if config.method in NEEDS_REWARD and not has_constraint:
         fail(f"method {config.method!r} needs a constraint: --concepts, --keywords, --regex or --reward-model")
@@ -154,6 +157,18 @@ def main() -> None:
 
 
 @app.command()
+def prepare() -> None:
+    """Make the default pair's folders (convert the target's GGUF, assemble the draft) and print them."""
+    from cdsl.pretrained import ModelSourceError, default_draft, default_target
+
+    try:
+        typer.echo(f"target: {default_target()}")
+        typer.echo(f"draft: {default_draft()}")
+    except (OSError, ModelSourceError) as err:
+        fail(str(err))
+
+
+@app.command()
 def demo(
     methods: str = typer.Option("greedy,cdlh,cdsl", help="Comma-separated methods to compare."),
     samples: str = typer.Option(None, help="jsonl of {'concepts': [...]} rows; default: the bundled sample."),
@@ -170,7 +185,7 @@ def demo(
     names = [m.strip() for m in methods.split(",") if m.strip()]
     try:
         configs = [DecodeConfig(method=m) for m in names]
-        target_lm, draft_lm = load_pair(target, draft)
+        target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))
     except ValidationError as err:
         fail(validation_message(err))
     except (OSError, ValueError) as err:
@@ -248,12 +263,13 @@ def bench(
         grid = parse_sweep(sweep) if sweep else []
         sweep_runs = {"cdsl " + " ".join(f"{k_}={v}" for k_, v in g.items()):
                       DecodeConfig(**{**base.model_dump(), **g, "method": "cdsl"}) for g in grid}
+        target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))
         if task == "commongen":
-            examples = commongen_examples(load_dataset(dataset, limit), progress)
+            examples = commongen_examples(load_dataset(dataset, limit), progress, target_lm.tokenizer)
         else:
-            prompts = load_harmless(str(HARMLESS_DATA) if dataset == "builtin" else dataset, limit)
+            prompts = load_harmless(str(HARMLESS_DATA) if dataset == "builtin" else dataset, limit,
+                                    target_lm.tokenizer)
             examples = harmless_examples(prompts, RewardModel(reward_model, reward_label), threshold)
-        target_lm, draft_lm = load_pair(target, draft)
     except ValidationError as err:
         fail(validation_message(err))
     except (OSError, ValueError) as err:

@@ -29,6 +29,7 @@ from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
 from cdsl.config import DecodeConfig
 from cdsl.engine import Request
+from cdsl.models import Codec
 from jobs.cli import fail, validation_message
 from jobs.rows import check_row, output_row, read_rows, to_table
 
@@ -53,7 +54,7 @@ def check_manifest(out: Path, manifest: dict) -> None:
 
 
 def run_job(pipe: Pipeline, rows: list[dict], schema, method: str, config: PipelineConfig, out: Path,
-            shard_size: int, concurrency: int) -> dict:
+            shard_size: int, concurrency: int, tokenizer=None) -> dict:
     """Generate every missing shard of one method; returns {"tokens": generated, "seconds": wall}."""
     shards = [(method, i) for i in range(0, len(rows), shard_size)
               if not shard_path(out, method, i // shard_size).exists()]
@@ -79,7 +80,7 @@ def run_job(pipe: Pipeline, rows: list[dict], schema, method: str, config: Pipel
         while queue and len(inflight) < concurrency:
             m, i, row = queue.popleft()
             try:
-                prompt, spec = check_row(row)
+                prompt, spec = check_row(row, tokenizer)
             except ValueError as err:
                 finish(m, i, output_row(row, schema, m, None, str(err), None))
                 continue
@@ -151,6 +152,7 @@ def main(
             DecodeConfig.model_validate(cfg.decode.model_dump() | {"method": m})  # names a bad method
         rows, schema = read_rows(input)
         rows = rows[: limit or None]
+        tokenizer = Codec.load(cfg.target, "target").tokenizer  # task prompts use its chat template
     except ValidationError as err:
         fail(validation_message(err))
     except (OSError, ValueError) as err:
@@ -161,7 +163,7 @@ def main(
     typer.echo(f"{len(rows)} rows x {len(methods)} method(s) -> {output}", err=True)
     pipe = Pipeline(cfg)
     try:
-        runs = {m: run_job(pipe, rows, schema, m, cfg, output, shard_size, concurrency) for m in methods}
+        runs = {m: run_job(pipe, rows, schema, m, cfg, output, shard_size, concurrency, tokenizer) for m in methods}
     finally:
         pipe.shutdown()
     summary = summarize(output, methods, runs)

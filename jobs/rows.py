@@ -62,8 +62,9 @@ def read_rows(path: str | Path) -> tuple[list[dict], pa.Schema]:
     return rows, pa.schema([pa.field("row", pa.int64()), *(f for f in fields if f.name != "row")])
 
 
-def check_row(row: dict) -> tuple[str, RewardSpec]:
-    """The prompt and constraints of a row; ValueError naming the field and the limit if bad."""
+def check_row(row: dict, tokenizer=None) -> tuple[str, RewardSpec]:
+    """The prompt (the task prompt for `tokenizer` when the row has none) and constraints of a
+    row; ValueError naming the field and the limit if bad."""
     if row.get("_error"):
         raise ValueError(row["_error"])
     raw = row.get("concepts", row.get("concept_set"))  # CommonGen's own files say concept_set
@@ -76,7 +77,7 @@ def check_row(row: dict) -> tuple[str, RewardSpec]:
         raise ValueError(f"concepts: {len(concepts)} given, the limit is {MAX_CONCEPTS}")
     prompt = row.get("prompt")
     if prompt is None or prompt == "":
-        prompt = commongen_prompt(concepts)
+        prompt = commongen_prompt(concepts, tokenizer)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt: must be a string, got {type(prompt).__name__}")
     if len(prompt) > MAX_PROMPT_CHARS:

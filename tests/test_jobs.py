@@ -1,51 +1,114 @@
+"""The draft-making job (`jobs.distill_draft`) and the draft architecture, on tiny random models."""
+
 import pytest
 import torch
 
-from cdsl.config import BUNDLED
-from jobs.distill_draft import distill_loss
-from jobs.train_tiny import DATA
+from cdsl.draft_model import DraftForCausalLM, draft_from_target
+from cdsl.models import LM, check_same_vocab
+from jobs.distill_draft import DATA, distill_loss, frequent_tokens
 
 
-def test_distill_loss_terms():
+def _slot(vocab: int, head: list[int]) -> torch.Tensor:
+    slot = torch.full((vocab,), -1)
+    slot[torch.tensor(head)] = torch.arange(len(head))
+    return slot
+
+
+def test_distill_cross_entropy_only_counts_greedy_tokens_the_head_can_write():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 11)
-    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
-    assert distill_loss(logits, logits, labels, alpha=1.0).item() < 1e-6  # same distribution: no KL
-    other = torch.randn(2, 5, 11)
-    assert distill_loss(logits, other, labels, alpha=1.0).item() > 0
-    mask = labels[:, 1:] != -100
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1][mask], labels[:, 1:][mask])
-    assert torch.allclose(distill_loss(logits, other, labels, alpha=0.0), ce)
+    head = [0, 2, 4, 6]
+    slot = _slot(10, head)
+    scores = torch.randn(3, 4)
+    t_ids = torch.tensor([[2, 4, 9], [6, 1, 0], [9, 0, 2]])  # 9 and 1 are outside the head
+    t_logp = torch.randn(3, 3)
+    ce, agree = distill_loss(scores, t_ids, t_logp, slot, alpha=0.0)
+    logp = torch.log_softmax(scores, -1)
+    assert ce.item() == pytest.approx((-(logp[0, 1] + logp[1, 3]) / 2).item(), rel=1e-5)  # row 2's 9 is skipped
+    assert agree == pytest.approx((scores.argmax(-1) == slot[t_ids[:, 0]]).float().mean().item())
+    kl, _ = distill_loss(scores, t_ids, t_logp, slot, alpha=1.0)
+    assert torch.isfinite(kl) and kl.item() >= 0
 
 
+def test_distill_kl_is_zero_when_the_draft_matches_the_teacher_in_its_head():
+    torch.manual_seed(1)
+    head = [1, 3, 5, 7, 8]
+    slot = _slot(10, head)
+    scores = torch.randn(2, 5)
+    t_ids = torch.tensor([[1, 3, 5, 7, 8], [8, 7, 5, 3, 1]])
+    t_logp = torch.log_softmax(scores, -1).gather(1, slot[t_ids])
+    loss, _ = distill_loss(scores, t_ids, t_logp, slot, alpha=1.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    other, _ = distill_loss(torch.randn(2, 5), t_ids, t_logp, slot, alpha=1.0)
+    assert other.item() > 0.01
+
+
+def test_frequent_tokens_keeps_special_ids_then_answer_tokens_then_human_text():
+    rows = [{"answer": [5, 5, 6]}, {"answer": [5, 7]}]
+    assert frequent_tokens(rows, 3, always=[0]) == [0, 5, 6]  # 0 always; 5 then 6 (7 ties, later)
+    assert frequent_tokens(rows, 5, always=[0], texts=[[9, 9, 8]]) == [0, 5, 6, 7, 9]
+
+
+def test_draft_scores_only_its_head_and_loads_like_any_model(model_dirs, tmp_path):
+    target = LM.load(str(model_dirs["llama-target"]))
+    head = list(range(0, target.vocab_size, 3))
+    draft = draft_from_target(str(model_dirs["llama-target"]), 1, head).eval()
+    ids = torch.tensor([target.encode("The dog throws a frisbee")])
+    logits = draft(input_ids=ids).logits
+    outside = torch.ones(target.vocab_size, dtype=torch.bool)
+    outside[head] = False
+    assert (logits[..., outside] == torch.finfo(logits.dtype).min).all()
+    assert logits[..., ~outside].max() > -100  # real scores in the head
+    # at init the head's rows are the target's output rows
+    assert torch.equal(draft.lm_head.weight, target.model.get_output_embeddings().weight[head])
+    draft.save_pretrained(tmp_path / "draft")
+    target.tokenizer.save_pretrained(tmp_path / "draft")
+    loaded = LM.load(str(tmp_path / "draft"))
+    assert isinstance(loaded.model, DraftForCausalLM)
+    assert torch.allclose(loaded.model(input_ids=ids).logits, logits)
+    check_same_vocab(loaded, target)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not DATA.exists(), reason=f"CommonGen data not at {DATA}")
-def test_distill_job_writes_a_loadable_draft_and_keeps_the_earlier_stages(tmp_path):
+def test_teacher_train_export_assemble_make_a_draft_that_sd_can_use(model_dirs, tmp_path):
     from typer.testing import CliRunner
 
-    from cdsl.generate import load_pair
+    from cdsl.config import DecodeConfig
+    from cdsl.generate import generate
+    from cdsl.pretrained import assemble_draft
     from jobs import distill_draft
 
-    bundled = BUNDLED
-    out = tmp_path / "draft"
-    result = CliRunner().invoke(distill_draft.app, [
-        "--target", str(bundled / "target"), "--init", str(bundled / "draft"), "--out", str(out),
-        "--steps", "2", "--batch-size", "8"])
-    assert result.exit_code == 0, result.output
-    target, draft = load_pair(str(bundled / "target"), str(out))
-    assert draft.vocab_size == target.vocab_size
-    earlier = (bundled / "draft" / "distill_command.txt").read_text().splitlines()
-    lines = (out / "distill_command.txt").read_text().splitlines()
-    assert lines[:-1] == earlier and lines[-1].startswith("python -m jobs.distill_draft")
+    target_dir, run = str(model_dirs["llama-target"]), tmp_path / "run"
+    cli = CliRunner()
+    out = cli.invoke(distill_draft.app, ["teacher", "--target", target_dir, "--out", str(run), "--commongen", "6",
+                                         "--harmless", "2", "--batch", "4", "--shard", "4", "--max-new-tokens", "6"])
+    assert out.exit_code == 0, out.output
+    assert len(list((run / "teacher").glob("shard-*.pt"))) == 2  # 8 prompts in shards of 4
+    rows = distill_draft.load_teacher(run)
+    assert all(r["top_ids"].shape[0] == len(r["answer"]) > 0 for r in rows)
+    args = ["train", "--target", target_dir, "--out", str(run), "--layers", "1", "--head", "64",
+            "--held-out", "2", "--epochs", "2", "--batch-size", "4"]
+    out = cli.invoke(distill_draft.app, args)
+    assert out.exit_code == 0, out.output
+    first = torch.load(run / "ckpt.pt")["step"]
+    assert first == 3  # 2 epochs x 6 rows / 4 per batch
+    out = cli.invoke(distill_draft.app, [*args, "--epochs", "4"])  # a later stage resumes the checkpoint
+    assert torch.load(run / "ckpt.pt")["step"] == 6
+    out = cli.invoke(distill_draft.app, ["export", "--target", target_dir, "--out", str(run), "--to",
+                                         str(tmp_path / "shipped")])
+    assert out.exit_code == 0, out.output
+    assert not any("embed_tokens" in k for k in _keys(tmp_path / "shipped" / "model.safetensors"))
+    folder = assemble_draft(model_dirs["llama-target"], tmp_path / "shipped", tmp_path / "assembled")
+    target, draft = LM.load(target_dir), LM.load(str(folder))
+    check_same_vocab(draft, target)
+    prompt = "Concepts: dog, frisbee\nSentence:"
+    greedy = generate(prompt, target, None, None, DecodeConfig(method="greedy", max_new_tokens=12))
+    sd = generate(prompt, target, draft, None, DecodeConfig(method="sd", max_new_tokens=12))
+    assert sd.token_ids == greedy.token_ids
 
 
-def test_command_line_keeps_earlier_stages(tmp_path, monkeypatch):
-    from jobs.recipe import command_line
+def _keys(path) -> list[str]:
+    from safetensors import safe_open
 
-    monkeypatch.setattr("sys.argv", ["ignored", "--out", "runs/b"])
-    assert command_line("jobs.x") == "python -m jobs.x --out runs/b"
-    monkeypatch.setattr("sys.argv", ["ignored"])
-    assert command_line("jobs.x") == "python -m jobs.x"  # no trailing space from an empty argv
-    earlier = tmp_path / "cmd.txt"
-    assert command_line("jobs.x", earlier) == "python -m jobs.x"  # no earlier stage recorded
-    earlier.write_text("python -m jobs.x --out runs/a\n")
-    assert command_line("jobs.x", earlier) == "python -m jobs.x --out runs/a\npython -m jobs.x"
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())

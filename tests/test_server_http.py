@@ -3,7 +3,10 @@ inside the engine, and the shapes of what comes back. The real endpoint is tests
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -12,11 +15,12 @@ from fastapi.testclient import TestClient
 
 from actors.config import ServerConfig
 from actors.server import OpenAIServer
-from cdsl.config import BUNDLED
 from cdsl.engine import Request, WorkerLost
 from cdsl.methods import Generation
 from cdsl.models import Codec
 from cdsl.stats import Stats
+
+from .conftest import make_tokenizer
 
 
 class FakeBackend:
@@ -46,8 +50,16 @@ class FakeBackend:
         return {}
 
 
+@functools.cache
+def tiny_codec() -> Codec:
+    """The HTTP layer needs only a tokenizer: a tiny one, no model weights."""
+    folder = Path(tempfile.mkdtemp(prefix="codec-"))
+    make_tokenizer(folder)
+    return Codec.load(str(folder))
+
+
 def client_for(backend: FakeBackend, **config) -> TestClient:
-    server = OpenAIServer(ServerConfig(**config), backend, Codec.load(str(BUNDLED / "target")), has_draft=True)
+    server = OpenAIServer(ServerConfig(**config), backend, tiny_codec(), has_draft=True)
     app = FastAPI()
 
     @app.post("/v1/completions")

@@ -47,7 +47,8 @@ class Context:
         self.out: list[int] = list(out)
         self.target = Decoder(target, ids + self.out, self.stats, "target", key)
         self.draft = Decoder(draft, ids + self.out, self.stats, "draft", key) if draft is not None else None
-        self.eos = self.lm.eos_id
+        self.eos = set(self.lm.eos_ids)
+        """Every token id that ends the text."""
         self.finish_reason: str | None = None
         self.on_emit = None
         """Called with each batch of newly emitted token ids (streaming)."""
@@ -69,7 +70,7 @@ class Context:
         """Append tokens to the output, stopping at EOS or the token budget."""
         start = len(self.out)
         for tok in tokens:
-            if tok == self.eos:
+            if tok in self.eos:
                 self.finish_reason = "eos"
                 break
             self.out.append(tok)
@@ -82,8 +83,9 @@ class Context:
 
     def cut(self, tokens: list[int]) -> tuple[list[int], bool]:
         """Tokens up to (not including) EOS, and whether the text ends with them."""
-        if self.eos in tokens:
-            return tokens[: tokens.index(self.eos)], True
+        for i, tok in enumerate(tokens):
+            if tok in self.eos:
+                return tokens[:i], True
         return tokens, len(tokens) >= self.budget
 
     def reward_inputs(self, continuations: list[list[int]]) -> list[RewardInput]:

@@ -35,7 +35,7 @@ def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
         tok = ctx.pick.one(row)
         tokens.append(tok)
         logits.append(row)
-        if tok == ctx.eos or len(tokens) == d:
+        if tok in ctx.eos or len(tokens) == d:
             break
         row = ctx.draft.step([tok])[-1]
     ctx.draft.ids.append(tokens[-1])  # pending, like every emitted token
