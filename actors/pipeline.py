@@ -26,7 +26,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import DRAFT_RESOURCE, TARGET_RESOURCE, PipelineConfig
-from actors.workers import ModelWorker, RewardWorker, free_port
+from actors.workers import ModelWorker, RewardWorker, check_tensor_parallel, free_port
 from cdsl.engine import Engine, Request, WorkerLost
 from cdsl.methods import Generation
 from cdsl.models import Codec
@@ -218,6 +218,7 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig | None = None, address: str | None = None) -> None:
         self.config = config = config or PipelineConfig()
+        check_tensor_parallel(config.target, config.target_tp)
         self.owns_ray = not ray.is_initialized()
         address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
         if self.owns_ray and address:

@@ -63,6 +63,30 @@ class ModelWorker:
                 os.remove(path)
 
 
+def tensor_parallel_sizes(model: ModelConfig, largest: int = 64) -> list[int]:
+    """Tensor-parallel sizes that split the model's attention heads, key/value heads and MLP evenly."""
+    from transformers import AutoConfig
+
+    from cdsl.models import resolve
+
+    cfg = AutoConfig.from_pretrained(resolve(model.path, "target"), trust_remote_code=model.trust_remote_code)
+    cfg = getattr(cfg, "text_config", cfg)
+    parts = [getattr(cfg, name, None) for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size")]
+    parts = [p for p in parts if p]
+    return [n for n in range(1, largest + 1) if all(p % n == 0 for p in parts)]
+
+
+def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
+    """Refuse a tensor-parallel size that does not split the target evenly, naming the ones that do."""
+    if tp == 1:
+        return
+    sizes = tensor_parallel_sizes(model)
+    if tp not in sizes:
+        raise ValueError(f"target_tp: {tp} does not split the target {model.path!r} evenly (its attention heads, "
+                         f"key/value heads and MLP width must all divide by it); sizes that work: "
+                         f"{', '.join(map(str, sizes[:8]))}")
+
+
 def _tensor_parallel(lm: LM, rank: int, world: int, master: tuple[str, int], gpu: bool) -> LM:
     """Shard `lm` with DeepSpeed AutoTP over `world` ranks (nccl on GPU, gloo on CPU)."""
     addr, port = master

@@ -263,12 +263,13 @@ def bench(
         grid = parse_sweep(sweep) if sweep else []
         sweep_runs = {"cdsl " + " ".join(f"{k_}={v}" for k_, v in g.items()):
                       DecodeConfig(**{**base.model_dump(), **g, "method": "cdsl"}) for g in grid}
+        harmless_path = str(HARMLESS_DATA) if dataset == "builtin" else dataset
+        sets = load_dataset(dataset, limit) if task == "commongen" else load_harmless(harmless_path, limit)
         target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))
         if task == "commongen":
-            examples = commongen_examples(load_dataset(dataset, limit), progress, target_lm.tokenizer)
-        else:
-            prompts = load_harmless(str(HARMLESS_DATA) if dataset == "builtin" else dataset, limit,
-                                    target_lm.tokenizer)
+            examples = commongen_examples(sets, progress, target_lm.tokenizer)
+        else:  # the dialogues again, now as chat prompts for the target's template
+            prompts = load_harmless(harmless_path, limit, target_lm.tokenizer)
             examples = harmless_examples(prompts, RewardModel(reward_model, reward_label), threshold)
     except ValidationError as err:
         fail(validation_message(err))

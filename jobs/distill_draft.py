@@ -116,9 +116,71 @@ def teacher(
         tmp.rename(path_s)
 
 
-def load_teacher(out: Path) -> list[dict]:
+@torch.inference_mode()
+def _teach_forced(model, prompts: list[list[int]], answers: list[list[int]], top_k: int, pad: int) -> list[dict]:
+    """The target's top-K at every position of given answers (teacher forcing, one forward)."""
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, seq in enumerate(seqs):  # right-padded: every row keeps its own positions
+        ids[b, :len(seq)], mask[b, :len(seq)] = torch.tensor(seq), 1
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    spans = [(b, len(p) - 1, len(p) + len(a) - 1) for b, (p, a) in enumerate(zip(prompts, answers))]
+    at = torch.cat([hidden[b, lo:hi] for b, lo, hi in spans])  # the output head only where answers are
+    top = torch.log_softmax(model.lm_head(at).float(), -1).topk(top_k, -1)
+    rows, start = [], 0
+    for (b, lo, hi), p, a in zip(spans, prompts, answers):
+        rows.append({"prompt": p, "answer": a, "top_ids": top.indices[start:start + hi - lo].to(torch.int32),
+                     "top_logp": top.values[start:start + hi - lo].half()})
+        start += hi - lo
+    return rows
+
+
+@app.command()
+def references(
+    out: Path = typer.Option(Path("runs/distill"), help="Run folder; shards go to OUT/references."),
+    target: str = typer.Option("", help="Target folder (default: the default target)."),
+    sets: int = typer.Option(20000, help="CommonGen train (concept set, human sentence) pairs."),
+    batch: int = 32, shard: int = 1024, top_k: int = 32, seed: int = 1, threads: int = 2, data: Path = DATA,
+) -> None:
+    """The target's top-K on human CommonGen answers: cheap extra distillation data (one forward
+    per batch instead of a generation), written to OUT/references/shard-*.pt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cdsl.pretrained import default_target
+
+    torch.set_num_threads(threads)
+    path = target or str(default_target())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eos = _eos_ids(model, tokenizer)[0]
+    src = (data / "commongen" / "train.src.txt").read_text().splitlines()
+    tgt = (data / "commongen" / "train.tgt.txt").read_text().splitlines()
+    pairs = [(s, t.strip()) for s, t in zip(src, tgt) if s.strip() and t.strip()]
+    random.Random(seed).shuffle(pairs)
+    folder = out / "references"
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in tqdm(range(0, min(sets, len(pairs)), shard), desc="reference shards", mininterval=10):
+        path_s = folder / f"shard-{start // shard:05d}.pt"
+        if path_s.exists():
+            continue
+        chunk = pairs[start:start + shard]
+        prompts = [tokenizer.encode(commongen_prompt(parse_concepts(s.split()), tokenizer), add_special_tokens=False)
+                   for s, _ in chunk]
+        answers = [tokenizer.encode(t, add_special_tokens=False) + [eos] for _, t in chunk]
+        rows = []
+        for i in range(0, len(chunk), batch):
+            rows += _teach_forced(model, prompts[i:i + batch], answers[i:i + batch], top_k, tokenizer.pad_token_id)
+        tmp = path_s.with_suffix(".tmp")
+        torch.save(rows, tmp)
+        tmp.rename(path_s)
+
+
+def load_teacher(out: Path, kind: str = "teacher") -> list[dict]:
+    """Rows of OUT/teacher (the target's own answers) or OUT/references (human answers)."""
     rows = []
-    for shard in sorted((out / "teacher").glob("shard-*.pt")):
+    for shard in sorted((out / kind).glob("shard-*.pt")):
         rows += torch.load(shard)
     return rows
 
@@ -193,6 +255,8 @@ def train(
     epochs: float = typer.Option(3.0, help="Planned epochs over the teacher data (sets the schedule)."),
     alpha: float = 0.7, lr: float = 3e-4, batch_size: int = 16, held_out: int = 200, seed: int = 0,
     threads: int = 2, data: Path = DATA,
+    init: Path = typer.Option(None, help="Start from the weights of another run's ckpt.pt."),
+    own_weight: int = typer.Option(2, help="Times the target's own answers count against human answers."),
 ) -> None:
     """Distil the draft; checkpoints to OUT/ckpt, the last one resumed on the next run."""
     from cdsl.draft_model import draft_from_target
@@ -203,11 +267,14 @@ def train(
     rng = random.Random(seed)
     rows = load_teacher(out)
     dev, rows = rows[:held_out], rows[held_out:]
+    rows = rows * own_weight + load_teacher(out, "references")
     ckpt = out / "ckpt.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt)
+    if ckpt.exists() or init is not None:
+        state = torch.load(ckpt if ckpt.exists() else init)
         model = draft_from_target(target or str(default_target()), state["layers"], state["head_ids"])
         model.load_state_dict(state["model"])
+        if not ckpt.exists():  # a new run from another run's weights: its own schedule and log
+            state = {"model": state["model"], "step": 0, "log": [{"init": str(init), "init_steps": state["step"]}]}
     else:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(target or str(default_target()))

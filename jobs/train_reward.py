@@ -67,13 +67,16 @@ def main(
     layers: int = typer.Option(2),
     max_len: int = typer.Option(256, help="Tokens per dialogue kept (its end)."),
     seed: int = typer.Option(0),
+    tokenizer_from: Path = typer.Option(BUNDLED / "harmless-rm", "--tokenizer",
+                                        help="Folder whose tokenizer the reward model uses (the bundled model "
+                                        "keeps the 4,096-token BPE of the project's retired toy pair)."),
 ) -> None:
     """Train, keep the epoch with the best held-out accuracy, save, and write the model card."""
     if not data.exists():
         raise typer.BadParameter(f"no such file: {data}", param_hint="--data")
     torch.manual_seed(seed)
     train, test = split(read_pairs(data), held_out, seed)
-    tokenizer = AutoTokenizer.from_pretrained(BUNDLED / "target")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
     tokenizer.truncation_side = "left"
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = build(tokenizer, hidden, layers, max_len)

@@ -1,0 +1,112 @@
+"""How good a draft is for its target, side by side in one run: the figures on the draft's card.
+
+    python -m jobs.bench_draft --limit 50 --out cdsl/bundled/draft/eval.json
+
+- forward cost: one-token forwards over a cached 48-token prefix, target and draft interleaved,
+  at batch 1 and batch 5, on the same threads;
+- speculative decoding (`sd`, greedy, d = 4) against greedy target decoding on CommonGen dev
+  prompts, interleaved per prompt: acceptance (accepted / drafted tokens), wall-time ratio, and
+  how many outputs equal greedy's (all of them, or SD is broken);
+- teacher-forced top-1 agreement of the draft with the target on the target's greedy outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import typer
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
+from cdsl.generate import generate, load_pair
+from cdsl.models import LM
+from cdsl.tasks import commongen_prompt, read_commongen_jsonl
+
+app = typer.Typer(add_completion=False)
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "commongen" / "dev.jsonl"
+
+
+@torch.inference_mode()
+def forward_ms(models: dict[str, LM], batch: int, reps: int = 30, prefix: int = 48) -> dict[str, float]:
+    """Median milliseconds of a one-token forward after a cached prefix, per model, interleaved."""
+    ids = torch.randint(100, 40000, (batch, prefix))
+    step = torch.randint(100, 40000, (batch, 1))
+    caches = {}
+    for name, lm in models.items():
+        caches[name] = lm.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(reps):
+        for name, lm in models.items():
+            start = time.perf_counter()
+            lm.model(input_ids=step, past_key_values=caches[name], use_cache=True)
+            times[name].append((time.perf_counter() - start) * 1000)
+            caches[name].crop(-1)  # back to the prefix
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.inference_mode()
+def agreement(target: LM, draft: LM, prompt: str, answer: list[int]) -> tuple[int, int]:
+    """(positions where the draft's argmax is the target's, positions) over the answer and its EOS."""
+    p = target.encode(prompt)
+    ids = torch.tensor([p + answer])
+    t = target.model(input_ids=ids).logits[0, len(p) - 1:, : target.vocab_size].argmax(-1)
+    d = draft.model(input_ids=ids).logits[0, len(p) - 1:, : target.vocab_size].argmax(-1)
+    return int((t == d).sum()), len(t)
+
+
+@app.command()
+def main(
+    target: str = typer.Option(BUILTIN_TARGET, help="Target model."),
+    draft: str = typer.Option(BUILTIN_DRAFT, help="Draft model."),
+    dataset: Path = typer.Option(DEV, help="CommonGen jsonl (dev: the project's defaults are chosen there)."),
+    limit: int = typer.Option(50, min=1, help="Concept sets for the SD and agreement figures."),
+    draft_len: int = typer.Option(4, min=1, help="d of speculative decoding."),
+    max_new_tokens: int = typer.Option(48, min=1),
+    threads: int = typer.Option(2, min=1),
+    out: Path = typer.Option(None, help="Also write the figures to this JSON file."),
+) -> None:
+    """Print (and optionally save) the draft's forward cost, SD acceptance and speed, and agreement."""
+    torch.set_num_threads(threads)
+    target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))
+    models = {"target": target_lm, "draft": draft_lm}
+    for lm in models.values():  # warm-up
+        forward_ms({"m": lm}, 1, reps=3)
+    cost = {f"batch{b}": forward_ms(models, b) for b in (1, 5)}
+    sets = [row["concepts"] for row in read_commongen_jsonl(dataset)][:limit]
+    greedy_cfg = DecodeConfig(method="greedy", max_new_tokens=max_new_tokens)
+    sd_cfg = DecodeConfig(method="sd", draft_len=draft_len, max_new_tokens=max_new_tokens)
+    wall = {"greedy": 0.0, "sd": 0.0}
+    drafted = accepted = same = hits = positions = 0
+    for concepts in tqdm(sets, desc="dev sets", mininterval=10):
+        prompt = commongen_prompt(concepts, target_lm.tokenizer)
+        g = generate(prompt, target_lm, None, None, greedy_cfg)
+        s = generate(prompt, target_lm, draft_lm, None, sd_cfg)
+        wall["greedy"] += g.stats.time_total
+        wall["sd"] += s.stats.time_total
+        drafted, accepted = drafted + s.stats.drafted, accepted + s.stats.accepted
+        same += s.token_ids == g.token_ids
+        end = [target_lm.eos_id] if g.finish_reason == "eos" else []
+        h, n = agreement(target_lm, draft_lm, prompt, g.token_ids + end)
+        hits, positions = hits + h, positions + n
+    figures = {
+        "target": target, "draft": draft, "dataset": str(dataset), "sets": len(sets), "threads": threads,
+        "forward_ms": cost,
+        "forward_ratio": {b: c["target"] / c["draft"] for b, c in cost.items()},
+        "sd": {"draft_len": draft_len, "acceptance": accepted / max(1, drafted), "wall_s": wall["sd"],
+               "greedy_wall_s": wall["greedy"], "wall_vs_greedy": wall["sd"] / wall["greedy"],
+               "outputs_equal_to_greedy": same},
+        "teacher_forced_agreement": hits / max(1, positions),
+        "draft_parameters_M": sum(p.numel() for p in draft_lm.model.parameters()) / 1e6,
+    }
+    typer.echo(json.dumps(figures, indent=2))
+    if out is not None:
+        out.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app()
