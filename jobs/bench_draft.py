@@ -69,6 +69,8 @@ def main(
     max_new_tokens: int = typer.Option(48, min=1),
     threads: int = typer.Option(2, min=1),
     out: Path = typer.Option(None, help="Also write the figures to this JSON file."),
+    card: Path = typer.Option(None, help="Also refresh the figure table of this model card (between the "
+                              "<!-- figures:start --> and <!-- figures:end --> markers)."),
 ) -> None:
     """Print (and optionally save) the draft's forward cost, SD acceptance and speed, and agreement."""
     torch.set_num_threads(threads)
@@ -106,6 +108,36 @@ def main(
     typer.echo(json.dumps(figures, indent=2))
     if out is not None:
         out.write_text(json.dumps(figures, indent=2) + "\n")
+    if card is not None:
+        refresh_card(card, figures)
+
+
+def figure_table(f: dict) -> str:
+    """The card's table of `main`'s figures."""
+    c, sd = f["forward_ms"], f["sd"]
+    return "\n".join([
+        f"{f['sets']} CommonGen dev concept sets, {f['threads']} torch threads, one run "
+        f"(`python -m jobs.bench_draft --limit {f['sets']}`):",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        *[f"| one-token forward, batch {b[5:]}: target / draft | {c[b]['target']:.1f} ms / {c[b]['draft']:.1f} ms "
+          f"({f['forward_ratio'][b]:.1f}x cheaper) |" for b in ("batch1", "batch5")],
+        f"| speculative decoding (greedy, d = {sd['draft_len']}): draft tokens accepted | {sd['acceptance']:.1%} |",
+        f"| speculative decoding wall time vs greedy decoding | {sd['wall_vs_greedy']:.2f}x "
+        f"({sd['wall_s']:.1f} s / {sd['greedy_wall_s']:.1f} s) |",
+        f"| outputs of speculative decoding equal to greedy's | {sd['outputs_equal_to_greedy']} of {f['sets']} |",
+        f"| teacher-forced top-1 agreement with the target's greedy outputs | {f['teacher_forced_agreement']:.1%} |",
+    ])
+
+
+def refresh_card(card: Path, figures: dict) -> None:
+    text = card.read_text()
+    start, end = "<!-- figures:start -->", "<!-- figures:end -->"
+    if start not in text or end not in text:
+        raise typer.BadParameter(f"{card} has no {start} ... {end} markers", param_hint="--card")
+    head, rest = text.split(start, 1)
+    card.write_text(head + start + "\n" + figure_table(figures) + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

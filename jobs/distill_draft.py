@@ -130,7 +130,7 @@ def _teach_forced(model, prompts: list[list[int]], answers: list[list[int]], top
     at = torch.cat([hidden[b, lo:hi] for b, lo, hi in spans])  # the output head only where answers are
     top = torch.log_softmax(model.lm_head(at).float(), -1).topk(top_k, -1)
     rows, start = [], 0
-    for (b, lo, hi), p, a in zip(spans, prompts, answers):
+    for (_, lo, hi), p, a in zip(spans, prompts, answers):
         rows.append({"prompt": p, "answer": a, "top_ids": top.indices[start:start + hi - lo].to(torch.int32),
                      "top_logp": top.values[start:start + hi - lo].half()})
         start += hi - lo

@@ -5,6 +5,7 @@ import time
 
 import pytest
 import ray
+import torch
 
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
@@ -83,6 +84,27 @@ def test_pipeline_equals_in_process_tp2(local_ray, model_dirs, pairs):
     assert [o.token_ids for o in outs] == reference((target, pairs["llama"][1]), reqs)
     assert [w["rank"] for w in where["target"]] == [0, 1]
     assert len({w["pid"] for w in where["target"]}) == 2
+
+
+def test_uneven_heads_split_over_two_ranks_give_the_in_process_answer(local_ray, model_dirs, tmp_path):
+    """Like the default target (9 heads, 3 key/value heads), heads that TP = 2 does not divide."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dirs["llama-target"])
+    torch.manual_seed(5)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=72, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=9, num_key_value_heads=3, initializer_range=0.5,
+                                 eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    target_cfg = ModelConfig(path=str(tmp_path), dtype="float32")
+    reqs = [Request(r.prompt, DecodeConfig(method="greedy", max_new_tokens=12), None) for r in requests(3)]
+    pipe = Pipeline(PipelineConfig(target=target_cfg, draft=None, target_tp=2, cpus_per_worker=1))
+    try:
+        outs = pipe.generate_many(reqs)
+    finally:
+        pipe.shutdown()
+    target = LM.load(target_cfg)
+    assert [o.token_ids for o in outs] == [generate(r.prompt, target, None, None, r.config).token_ids for r in reqs]
 
 
 def test_float64_tensor_parallel_refused_by_name(model_dirs):

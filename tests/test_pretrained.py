@@ -107,16 +107,37 @@ def test_real_pair_loads_and_every_method_writes_english():
     assert texts["sd"] == texts["greedy"]  # greedy speculative decoding is lossless
 
 
-def test_a_tensor_parallel_size_that_does_not_split_the_target_is_refused(tmp_path):
+def test_a_tensor_parallel_size_that_cannot_split_the_target_is_refused(tmp_path):
     from transformers import LlamaConfig
 
     from actors.workers import check_tensor_parallel, tensor_parallel_sizes
 
-    # the default target's shape: 9 attention heads, 3 key/value heads, MLP 1536
+    # the default target's shape: 9 attention heads, 3 key/value heads
     LlamaConfig(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
                 num_hidden_layers=1, vocab_size=32).save_pretrained(tmp_path)
     model = ModelConfig(path=str(tmp_path))
-    assert tensor_parallel_sizes(model, 12) == [1, 3]
-    check_tensor_parallel(model, 3)
-    with pytest.raises(ValueError, match=r"target_tp: 2 does not split .* sizes that work: 1, 3"):
-        check_tensor_parallel(model, 2)
+    assert tensor_parallel_sizes(model) == [1, 2, 3]
+    check_tensor_parallel(model, 2)  # uneven, which AutoTP handles
+    with pytest.raises(ValueError, match=r"target_tp: 4 is more than the 3 key/value heads.*sizes that work: 1, 2, 3"):
+        check_tensor_parallel(model, 4)
+
+
+def test_shipped_draft_fits_60_mb_and_leaves_out_the_shared_embedding():
+    from safetensors import safe_open
+
+    shipped = pretrained.SHIPPED_DRAFT
+    assert sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file()) < 60e6
+    with safe_open(str(shipped / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" not in f.keys()
+
+
+def test_draft_card_figures_are_the_benchmark_output():
+    import json
+
+    figures = json.loads((pretrained.SHIPPED_DRAFT / "eval.json").read_text())
+    card = (pretrained.SHIPPED_DRAFT / "README.md").read_text()
+    sd = figures["sd"]
+    for text in (f"{figures['forward_ratio']['batch1']:.1f}x", f"{figures['forward_ratio']['batch5']:.1f}x",
+                 f"{sd['acceptance']:.1%}", f"{sd['wall_vs_greedy']:.2f}x",
+                 f"{figures['teacher_forced_agreement']:.1%}"):
+        assert text in card, text
