@@ -86,14 +86,18 @@ def test_teacher_train_export_assemble_make_a_draft_that_sd_can_use(model_dirs, 
     assert len(list((run / "teacher").glob("shard-*.pt"))) == 2  # 8 prompts in shards of 4
     rows = distill_draft.load_teacher(run)
     assert all(r["top_ids"].shape[0] == len(r["answer"]) > 0 for r in rows)
+    out = cli.invoke(distill_draft.app, ["references", "--target", target_dir, "--out", str(run), "--sets", "4",
+                                         "--shard", "4"])
+    assert out.exit_code == 0, out.output
+    human = distill_draft.load_teacher(run, "references")
+    assert len(human) == 4 and all(r["top_ids"].shape[0] == len(r["answer"]) for r in human)
     args = ["train", "--target", target_dir, "--out", str(run), "--layers", "1", "--head", "64",
-            "--held-out", "2", "--epochs", "2", "--batch-size", "4"]
+            "--held-out", "2", "--epochs", "2", "--batch-size", "4", "--own-weight", "2"]
     out = cli.invoke(distill_draft.app, args)
     assert out.exit_code == 0, out.output
-    first = torch.load(run / "ckpt.pt")["step"]
-    assert first == 3  # 2 epochs x 6 rows / 4 per batch
-    out = cli.invoke(distill_draft.app, [*args, "--epochs", "4"])  # a later stage resumes the checkpoint
-    assert torch.load(run / "ckpt.pt")["step"] == 6
+    assert torch.load(run / "ckpt.pt")["step"] == 8  # 2 epochs x (6 own rows x 2 + 4 human rows) / 4 per batch
+    out = cli.invoke(distill_draft.app, [*args, "--epochs", "3"])  # a later stage resumes the checkpoint
+    assert torch.load(run / "ckpt.pt")["step"] == 12
     out = cli.invoke(distill_draft.app, ["export", "--target", target_dir, "--out", str(run), "--to",
                                          str(tmp_path / "shipped")])
     assert out.exit_code == 0, out.output

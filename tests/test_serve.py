@@ -23,7 +23,7 @@ from jobs.load_test import run_load
 
 from .test_generate_job import BIN, ROOT, free_port
 
-CONCEPTS = ["man", "ride", "horse"]  # the bundled pair covers all three with cdlh
+CONCEPTS = ["man", "ride", "horse"]  # the default pair covers all three with cdlh
 
 
 def call(method: str, url: str, body: bytes | dict | None = None, timeout: float = 120) -> tuple[int, dict]:
@@ -105,7 +105,6 @@ def test_chat_completion_and_chat_stream(client):
     resp = client.chat.completions.create(**args)
     msg = resp.choices[0].message
     assert msg.role == "assistant" and isinstance(msg.content, str)
-    # The bundled pair is a CommonGen sentence model; on a dialogue prompt it may end at once.
     assert 0 <= resp.usage.completion_tokens <= 12
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     chunks = list(client.chat.completions.create(stream=True, **args))
@@ -202,11 +201,12 @@ def test_prometheus_metrics_use_vllm_names(endpoint, client):
 
 
 def test_bounded_load_run_has_no_server_errors(endpoint):
-    """500 requests at concurrency 16 (what `python -m jobs.load_test` does): every one answered."""
-    summary = asyncio.run(run_load(endpoint["url"], load_samples(), requests=500, concurrency=16, max_tokens=8,
+    """120 requests at concurrency 16 (what `python -m jobs.load_test` does, bounded for the real
+    pair's ~60 ms forwards on two cores): every one answered."""
+    summary = asyncio.run(run_load(endpoint["url"], load_samples(), requests=120, concurrency=16, max_tokens=8,
                                    progress=False))
     print(json.dumps(summary, indent=2))
-    assert summary["server_errors"] == 0 and summary["statuses"] == {"200": 500}, summary
+    assert summary["server_errors"] == 0 and summary["statuses"] == {"200": 120}, summary
     assert summary["latency_s"]["p50"] <= summary["latency_s"]["p99"]
 
 
