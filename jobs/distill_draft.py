@@ -29,6 +29,7 @@ import torch
 import typer
 from tqdm import tqdm
 
+from cdsl.models import eos_ids
 from cdsl.tasks import commongen_prompt, harmless_prompt, parse_concepts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
@@ -54,7 +55,8 @@ def _task_prompts(tokenizer, data: Path, commongen: int, harmless: int, seed: in
 
 
 @torch.inference_mode()
-def _teach(model, tokenizer, prompts: list[str], max_new_tokens: int, top_k: int, max_prompt: int) -> list[dict]:
+def _teach(model, tokenizer, prompts: list[str], max_new_tokens: int, top_k: int, max_prompt: int,
+           eos: set[int]) -> list[dict]:
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
                     truncation=True, max_length=max_prompt)
@@ -63,7 +65,6 @@ def _teach(model, tokenizer, prompts: list[str], max_new_tokens: int, top_k: int
     logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)  # [B, T, V]
     top = logp.topk(top_k, -1)
     answers = out.sequences[:, enc["input_ids"].shape[1]:]
-    eos = set(_eos_ids(model, tokenizer))
     rows = []
     for b in range(len(prompts)):
         ids = answers[b].tolist()
@@ -74,10 +75,23 @@ def _teach(model, tokenizer, prompts: list[str], max_new_tokens: int, top_k: int
     return rows
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return eos + [tokenizer.eos_token_id]
+def _load_target(target: str, threads: int):
+    """(folder, tokenizer, model) of the target (the default one unless `target` names another)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cdsl.pretrained import default_target
+
+    torch.set_num_threads(threads)
+    path = target or str(default_target())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, AutoTokenizer.from_pretrained(path), model
+
+
+def _write_shard(path: Path, rows: list[dict]) -> None:
+    """A shard exists whole or not at all, so a stopped stage resumes at the next one."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(rows, tmp)
+    tmp.rename(path)
 
 
 @app.command()
@@ -90,14 +104,8 @@ def teacher(
     seed: int = 0, threads: int = 2, data: Path = DATA,
 ) -> None:
     """Write the target's greedy answers and top-K log-probabilities to OUT/teacher/shard-*.pt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cdsl.pretrained import default_target
-
-    torch.set_num_threads(threads)
-    path = target or str(default_target())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    path, tokenizer, model = _load_target(target, threads)
+    eos = set(eos_ids(tokenizer, path))
     prompts = _task_prompts(tokenizer, data, commongen, harmless, seed)
     folder = out / "teacher"
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,10 +118,9 @@ def teacher(
         order = sorted(range(len(chunk)), key=lambda i: len(chunk[i]))
         rows = []
         for i in range(0, len(order), batch):
-            rows += _teach(model, tokenizer, [chunk[j] for j in order[i:i + batch]], max_new_tokens, top_k, max_prompt)
-        tmp = path_s.with_suffix(".tmp")
-        torch.save(rows, tmp)
-        tmp.rename(path_s)
+            rows += _teach(model, tokenizer, [chunk[j] for j in order[i:i + batch]], max_new_tokens, top_k,
+                           max_prompt, eos)
+        _write_shard(path_s, rows)
 
 
 @torch.inference_mode()
@@ -146,15 +153,8 @@ def references(
 ) -> None:
     """The target's top-K on human CommonGen answers: cheap extra distillation data (one forward
     per batch instead of a generation), written to OUT/references/shard-*.pt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cdsl.pretrained import default_target
-
-    torch.set_num_threads(threads)
-    path = target or str(default_target())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    eos = _eos_ids(model, tokenizer)[0]
+    path, tokenizer, model = _load_target(target, threads)
+    eos = eos_ids(tokenizer, path)[0]
     src = (data / "commongen" / "train.src.txt").read_text().splitlines()
     tgt = (data / "commongen" / "train.tgt.txt").read_text().splitlines()
     pairs = [(s, t.strip()) for s, t in zip(src, tgt) if s.strip() and t.strip()]
@@ -172,9 +172,7 @@ def references(
         rows = []
         for i in range(0, len(chunk), batch):
             rows += _teach_forced(model, prompts[i:i + batch], answers[i:i + batch], top_k, tokenizer.pad_token_id)
-        tmp = path_s.with_suffix(".tmp")
-        torch.save(rows, tmp)
-        tmp.rename(path_s)
+        _write_shard(path_s, rows)
 
 
 def load_teacher(out: Path, kind: str = "teacher") -> list[dict]:
