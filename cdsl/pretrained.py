@@ -157,8 +157,6 @@ def assemble_draft(target: Path, shipped: Path, out: Path) -> Path:
 
 def default_target() -> Path:
     """The default target folder, converted on first use."""
-    if _stamped(DEFAULT_TARGET, f"{smollm2_gguf().resolve()} {smollm2_gguf().stat().st_size}"):
-        return DEFAULT_TARGET
     return convert_gguf(smollm2_gguf(), DEFAULT_TARGET)
 
 
