@@ -293,7 +293,7 @@ def train(
     total = int(epochs * len(rows) / batch_size)
     step, start, saved = state["step"], time.time(), time.time()
     bar = tqdm(total=total, initial=step, desc="distill", mininterval=30)
-    pad = 2
+    pad = model.config.pad_token_id or model.config.eos_token_id or 0  # masked out; any valid id works
 
     def save() -> None:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": state["log"],
