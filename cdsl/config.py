@@ -46,8 +46,8 @@ class Action(str, Enum):
 
 
 DEFAULT_POLICY: dict[State, Action] = {
-    State.S1: Action.accept_draft,
-    State.S2: Action.cdlh_appx,
+    State.S1: Action.verified_prefix,
+    State.S2: Action.cdlh,
     State.S3: Action.verified_prefix,
     State.S4: Action.cdlh,
 }
@@ -84,6 +84,10 @@ class DecodeConfig(_Strict):
     """L: tokens rolled out after each CDLH candidate."""
     draft_len: int = Field(5, ge=1, le=64)
     """d: tokens the draft model proposes per CDSL / SD round."""
+    accept_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    """beta: the target accepts a CDSL lookahead token while its probability is at least beta times
+    the target's best there (1: its argmax only; 0: anything). Greedy only; sampling uses the
+    speculative-sampling test."""
     tau_accept: float = Field(0.5, ge=0.0, le=1.0)
     """tau_a: a draft whose acceptance n/d reaches this counts as on-target."""
     tau_reward: float = Field(1.0, ge=0.0, le=1.0)

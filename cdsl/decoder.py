@@ -47,6 +47,11 @@ class LocalRunner:
         self.store.release(key)
 
 
+SHARED_PENDING = 4
+"""A rollout feeds at most this many uncached prefix tokens in every row (saving a call); a
+longer pending stretch, or a prompt with no cache yet to fork, is run once first instead."""
+
+
 @dataclass
 class Rollout:
     """k candidate tokens, each followed by `steps` rolled-out tokens, in a forked cache."""
@@ -54,10 +59,15 @@ class Rollout:
     candidates: list[int]
     tokens: torch.Tensor
     """[k, steps] rolled-out tokens after each candidate."""
-    first_logits: torch.Tensor
-    """[k, V] next-token logits right after each candidate."""
+    logits: torch.Tensor
+    """[k, steps, V]: `logits[:, j]` chose `tokens[:, j]` (so `[:, 0]` follows the candidate)."""
     key: str
     """The forked cache, one row per candidate."""
+
+    @property
+    def first_logits(self) -> torch.Tensor:
+        """[k, V] next-token logits right after each candidate."""
+        return self.logits[:, 0]
 
 
 class Decoder:
@@ -112,26 +122,57 @@ class Decoder:
             self.n_cached = length if logits is not None else length - 1
             self.logits = logits
 
+    def _pending_for_rows(self) -> list[int]:
+        """Uncached prefix tokens that forked rows can feed themselves (a long stretch, such as a
+        prompt, is run once here instead)."""
+        pending = self.ids[self.n_cached:]
+        if len(pending) > SHARED_PENDING or not self.n_cached:
+            self.next_logits()
+            return []
+        return pending
+
+    def _fork_key(self) -> str:
+        self._rollouts += 1
+        return f"{self.key}:rollout{self._rollouts}"
+
     def rollout(self, candidates: list[int], steps: int, pick) -> Rollout:
         """Roll each candidate out `steps` tokens in one batched call per step, forking the
         prefix cache. `pick(logits [k, V]) -> [k]` chooses each next token."""
-        self.next_logits()  # the prefix must be fully cached before it is shared
-        self._rollouts += 1
-        key, base = f"{self.key}:rollout{self._rollouts}", self.n_cached
-        feed, out, first = [[c] for c in candidates], [], None
+        pending = self._pending_for_rows()
+        key, base = self._fork_key(), self.n_cached
+        feed, out, rows = [[*pending, c] for c in candidates], [], []
         for i in range(steps):
-            logits = self._run(key, feed, base + i, fork=self.key if i == 0 else None, last_only=True)
-            first = logits if first is None else first
+            keep = base + len(pending) + i if i else base
+            logits = self._run(key, feed, keep, fork=self.key if i == 0 else None, last_only=True)
             picked = pick(logits)
+            rows.append(logits)
             out.append(picked[:, None])
             feed = picked[:, None].tolist()
-        return Rollout(list(candidates), torch.cat(out, dim=1), first, key)
+        return Rollout(list(candidates), torch.cat(out, dim=1), torch.stack(rows, dim=1), key)
 
-    def adopt(self, rollout: Rollout, row: int) -> None:
-        """Continue from candidate `row` of a rollout: its cache row replaces this one's."""
+    def score_rows(self, candidates: list[int], tokens: torch.Tensor) -> Rollout:
+        """One batched call over candidate + `tokens` [k, steps] per row, forking the prefix
+        cache: logits [k, steps + 1, V] after each fed token (the last one is the bonus)."""
+        pending = self._pending_for_rows()
+        key = self._fork_key()
+        feed = [[*pending, c, *row] for c, row in zip(candidates, tokens.tolist())]
+        logits = self._run(key, feed, self.n_cached, fork=self.key)[:, len(pending):]
+        return Rollout(list(candidates), tokens, logits, key)
+
+    def adopt(self, rollout: Rollout, row: int, keep: int = 0) -> None:
+        """Continue from candidate `row` of a rollout and its first `keep` rolled tokens: that
+        cache row replaces this one's."""
         self._moves.append((self.key, rollout.key, row))
         self.ids.append(rollout.candidates[row])
-        self.n_cached, self.logits = len(self.ids), rollout.first_logits[row]
+        self.ids.extend(rollout.tokens[row, :keep].tolist())
+        if keep < rollout.logits.shape[1]:
+            self.n_cached, self.logits = len(self.ids), rollout.logits[row, keep]
+        else:  # a rollout never feeds its last token: it stays pending
+            self.n_cached, self.logits = len(self.ids) - 1, None
+
+    def discard(self, rollout: Rollout) -> None:
+        """Drop a rollout that will not be adopted."""
+        self.runner.release(rollout.key)
 
     def close(self) -> None:
         """Free this sequence's caches wherever they live."""

@@ -182,6 +182,7 @@ class BatchedReward:
 
     def __init__(self, batcher: Guarded, spec: RewardSpec) -> None:
         self.batcher, self.spec = batcher, spec
+        self.monotone = spec.monotone
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
         return self.batcher.run(RewardCall(self.spec, tuple(batch), False))

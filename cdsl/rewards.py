@@ -43,6 +43,10 @@ class RewardInput:
 
 @runtime_checkable
 class Reward(Protocol):
+    """Optionally a reward also says `monotone = True` when adding text never lowers its score
+    (coverage, keywords, a regex search): then the prefix's score bounds what any continuation
+    can gain, which lets CDSL skip searches that cannot change the choice."""
+
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
         """R(prompt, prefix + continuation) in [0, 1] for each input."""
         ...
@@ -88,6 +92,7 @@ def coverage(text: str, concepts: Sequence[str]) -> float:
 
 
 class Coverage:
+    monotone = True
     """CommonGen coverage: the fraction of concepts the text uses.
 
     progress modes, for unfinished text:
@@ -138,6 +143,8 @@ class Keywords(Coverage):
 class Regex:
     """1 when the text matches a regular expression (re.search), else 0."""
 
+    monotone = True
+
     def __init__(self, pattern: str) -> None:
         self.pattern = re.compile(pattern)
 
@@ -156,6 +163,7 @@ class Combined:
         if not parts:
             raise ValueError("a combined reward needs at least one part")
         self.parts, self.how = list(parts), how
+        self.monotone = all(getattr(r, "monotone", False) for r, _ in self.parts)
 
     def _combine(self, columns: list[list[float]]) -> list[float]:
         if self.how == "all":
@@ -190,6 +198,11 @@ class RewardSpec(BaseModel):
     combine: Literal["mean", "all"] = "mean"
     """How several constraints combine: weighted mean, or the weakest one."""
 
+    @property
+    def monotone(self) -> bool:
+        """Whether the built reward is monotone (every part but a reward model is)."""
+        return self.reward_model is None
+
     def build(self) -> Reward:
         parts: list[tuple[Reward, float]] = []
         if self.concepts:
@@ -212,6 +225,8 @@ class RewardModel:
     the softmax probability of that label (a classifier such as harmless/harmful). Batched: one
     forward per `batch_size` texts. The model may sit on any device; text crosses the interface.
     """
+
+    monotone = False
 
     def __init__(self, path: str, label: str | None = None, device: str = "cpu", batch_size: int = 16,
                  max_length: int = 512, trust_remote_code: bool = False) -> None:

@@ -27,7 +27,7 @@ def test_unknown_field_and_model_dtype():
 def test_policy_table_defaults_and_overrides():
     cfg = DecodeConfig(policy={"S2": "verified_prefix"})
     assert cfg.policy[State.S2] is Action.verified_prefix
-    assert cfg.policy[State.S4] is Action.cdlh and cfg.policy[State.S1] is Action.accept_draft
+    assert cfg.policy[State.S4] is Action.cdlh and cfg.policy[State.S1] is Action.verified_prefix
 
 
 def test_every_field_documented():

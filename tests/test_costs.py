@@ -75,7 +75,7 @@ def test_cdsl_identical_draft_never_runs_cdlh_and_gets_cheaper_with_d(pairs):
 
 
 def test_stats_time_split(pairs):
-    out = run(*pairs["llama"], "cdsl")
+    out = run(*pairs["llama"], "cdsl", tau_reward=0.0)  # speculative rounds: the draft works too
     s = out.stats
     assert s.time_total > 0 and s.time_target > 0 and s.time_draft > 0 and s.time_reward > 0
     assert abs(s.time_draft + s.time_target + s.time_reward + s.time_other - s.time_total) < 1e-6
@@ -111,21 +111,44 @@ def test_cdsl_partial_acceptance_policies(pairs, family, tau_accept):
             assert s.states["S3"] == s.states["S4"] == 0
 
 
-def test_cdsl_accept_all_then_verify_matches_reference(pairs):
-    """After an S1 round that kept unverified tokens, the target's logits equal a fresh prefill."""
+@pytest.mark.parametrize("action", ["verified_prefix", "accept_draft", "cdlh_appx", "cdlh"])
+def test_cdsl_actions_leave_both_caches_consistent(pairs, action):
+    """After rounds of each action, each model's next logits equal a fresh prefill of its ids."""
     import torch
 
     from cdsl.decoder import Decoder
+    from cdsl.methods.cdsl import cdsl
     from cdsl.methods.context import Context
-    from cdsl.methods.speculative import commit_all, draft_and_verify
     from cdsl.stats import Stats
 
     target, draft = pairs["llama"]
-    ctx = Context(PROMPT, target, draft, REWARD, DecodeConfig(method="cdsl", max_new_tokens=40))
-    for _ in range(4):
-        v = draft_and_verify(ctx, 4)
-        commit_all(ctx, v)
-        if ctx.finished:
-            break
-    fresh = Decoder(target, ctx.target.ids, Stats(), "target").next_logits()
-    assert torch.allclose(ctx.target.next_logits(), fresh, atol=1e-8)
+    policy = {s: action for s in ("S1", "S2", "S3", "S4")}
+    ctx = Context(PROMPT, target, draft, REWARD, DecodeConfig(method="cdsl", max_new_tokens=14, policy=policy,
+                                                             accept_ratio=0.2, k=3, lookahead=3, draft_len=3))
+    cdsl(ctx)
+    assert ctx.stats.rounds > 1 and ctx.stats.tokens > 0
+    for dec, lm in ((ctx.target, target), (ctx.draft, draft)):
+        fresh = Decoder(lm, dec.ids, Stats(), "target").next_logits()
+        assert torch.allclose(dec.next_logits(), fresh, atol=1e-5)
+    assert ctx.target.ids[ctx.n_prompt:] == ctx.out == ctx.draft.ids[ctx.n_prompt:][: len(ctx.out)]
+
+
+def test_cdsl_search_keeps_the_target_lookahead(pairs):
+    """A `cdlh` round costs L batched target calls and keeps the candidate plus L - 1 of its
+    rolled tokens, so it emits L tokens per round instead of CDLH's one."""
+    target, draft = pairs["llama"]
+    L = 3
+    out = run(target, draft, "cdsl", lookahead=L, k=4, reward_weight=50.0)  # lambda 50: always at stake
+    s = out.stats
+    assert s.states["S1"] == s.states["S3"] == 0 and s.rounds > 1
+    assert s.target_calls <= 1 + L * s.rounds and s.draft_calls == 0
+    assert s.rounds <= -(-steps(out) // L) + 2  # L tokens a round; the last rounds meet the budget
+    cdlh = run(target, draft, "cdlh", lookahead=L, k=4, reward_weight=50.0)
+    assert cdlh.stats.target_calls > 2 * s.target_calls
+
+
+def test_cdsl_skips_the_search_when_no_candidate_can_win(pairs):
+    """With lambda = 0 no reward can change the target's choice: every round speculates."""
+    target, draft = pairs["llama"]
+    out = run(target, draft, "cdsl", reward_weight=0.0)
+    assert out.stats.states["S2"] == out.stats.states["S4"] == 0 and out.stats.drafted > 0
