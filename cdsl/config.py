@@ -88,6 +88,11 @@ class DecodeConfig(_Strict):
     """beta: the target accepts a CDSL lookahead token while its probability is at least beta times
     the target's best there (1: its argmax only; 0: anything). Greedy only; sampling uses the
     speculative-sampling test."""
+    gain_share: float = Field(1.0, ge=0.0, le=1.0)
+    """CDSL searches only where a candidate gaining this share of the reward's headroom (1 -
+    R(prefix) for coverage) could beat the target's best token. 1: wherever the reward could
+    change the choice, which for a monotone reward gives CDLH's own output; lower: fewer, cheaper
+    searches; 0: never (speculative decoding)."""
     tau_accept: float = Field(0.5, ge=0.0, le=1.0)
     """tau_a: a draft whose acceptance n/d reaches this counts as on-target."""
     tau_reward: float = Field(1.0, ge=0.0, le=1.0)

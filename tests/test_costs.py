@@ -133,18 +133,23 @@ def test_cdsl_actions_leave_both_caches_consistent(pairs, action):
     assert ctx.target.ids[ctx.n_prompt:] == ctx.out == ctx.draft.ids[ctx.n_prompt:][: len(ctx.out)]
 
 
-def test_cdsl_search_keeps_the_target_lookahead(pairs):
-    """A `cdlh` round costs L batched target calls and keeps the candidate plus L - 1 of its
-    rolled tokens, so it emits L tokens per round instead of CDLH's one."""
+@pytest.mark.parametrize("room,kept", [(0.0, 3), (1e9, 0)])
+def test_cdsl_search_keeps_the_settled_part_of_the_winning_lookahead(pairs, room, kept):
+    """A `cdlh` round costs L batched target calls; it keeps the winner's rolled tokens where no
+    reward could change the target's choice (all of them bar the last when nothing is left to
+    gain, none when anything could still win)."""
+    import torch
+
+    from cdsl.methods.cdsl import search_on_target
+    from cdsl.methods.context import Context
+
     target, draft = pairs["llama"]
-    L = 3
-    out = run(target, draft, "cdsl", lookahead=L, k=4, reward_weight=50.0)  # lambda 50: always at stake
-    s = out.stats
-    assert s.states["S1"] == s.states["S3"] == 0 and s.rounds > 1
-    assert s.target_calls <= 1 + L * s.rounds and s.draft_calls == 0
-    assert s.rounds <= -(-steps(out) // L) + 2  # L tokens a round; the last rounds meet the budget
-    cdlh = run(target, draft, "cdlh", lookahead=L, k=4, reward_weight=50.0)
-    assert cdlh.stats.target_calls > 2 * s.target_calls
+    ctx = Context(PROMPT, target, draft, REWARD, DecodeConfig(method="cdsl", k=3, lookahead=4))
+    logp = torch.log_softmax(ctx.target.next_logits(), dim=-1)
+    calls = ctx.stats.target_calls
+    search_on_target(ctx, logp.topk(3).indices.tolist(), logp, room)
+    assert ctx.stats.target_calls - calls == 4
+    assert len(ctx.out) == 1 + kept and ctx.target.ids[ctx.n_prompt:] == ctx.out
 
 
 def test_cdsl_skips_the_search_when_no_candidate_can_win(pairs):

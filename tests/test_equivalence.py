@@ -33,6 +33,29 @@ def test_reductions_to_greedy(pairs, family, prompt):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("k,L,weight", [(5, 4, 5.0), (3, 2, 1.0), (4, 3, 20.0)])
+def test_cdsl_gives_cdlh_output_at_fewer_target_calls(pairs, family, prompt, k, L, weight):
+    """With gain_share = 1 and a monotone reward, CDSL only skips searches whose outcome is
+    already decided, so its text is CDLH's, token for token."""
+    pair = pairs[family]
+    ref = run(pair, "cdlh", prompt, k=k, lookahead=L, reward_weight=weight)
+    out = run(pair, "cdsl", prompt, k=k, lookahead=L, reward_weight=weight)
+    assert out.token_ids == ref.token_ids
+    assert out.stats.target_calls <= ref.stats.target_calls
+
+
+def test_cdsl_speculates_through_settled_text(pairs):
+    """Guards the test above: the draft does take part, and the search is skipped somewhere."""
+    target, _ = pairs["llama"]
+    pair = (target, target)  # a draft that is always right: every settled stretch is accepted
+    out = run(pair, "cdsl", PROMPTS[0], reward_weight=0.5)
+    ref = run(pair, "cdlh", PROMPTS[0], reward_weight=0.5)
+    assert out.token_ids == ref.token_ids
+    assert out.stats.accepted > 0 and out.stats.target_calls < ref.stats.target_calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_draft_and_target_differ(pairs, family):
     """Guards the tests above: the draft really is another model, so SD had rejections to fix."""
     out = run(pairs[family], "sd", PROMPTS[0], draft_len=4)

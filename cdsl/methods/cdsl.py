@@ -19,7 +19,7 @@ Each round starts from the target's next-token logits (known from the previous r
      candidate and accepted tokens are kept;
    - `cdlh`: a CDLH step whose winning lookahead is kept: the target rolls out every candidate
      `lookahead` tokens (one batched call per position), the reward ranks them, and the winner's
-     candidate plus its first L - 1 rolled tokens (the target's own greedy text) are kept.
+     candidate and all its L rolled tokens (the target's own greedy text) are kept.
 A round never ends on a correction token: the next round re-decides that position with the
 reward, from target logits the round's last call already computed.
 """
@@ -41,17 +41,37 @@ def classify(a: float, r: float, tau_a: float, tau_r: float) -> State:
     return State.S3 if r >= tau_r else State.S4
 
 
-def stake(ctx: Context, logp: torch.Tensor) -> tuple[list[int], float]:
-    """The candidates the reward could still choose (best first) and r (see the module doc)."""
+def headroom(ctx: Context) -> tuple[float, float]:
+    """R(prefix) and the most any continuation can add to it that matters: nothing once the
+    prefix reaches tau_r, else 1 - R(prefix) for a monotone reward (coverage cannot go down) and
+    1 otherwise, times `gain_share`."""
     cfg = ctx.config
-    top = logp.topk(min(cfg.k, logp.shape[-1]))
     monotone = getattr(ctx.reward, "monotone", False)
     floor = float(ctx.rewards([[]])[0]) if monotone or not cfg.greedy else 0.0
-    if not cfg.greedy:  # sampling may pick any candidate
-        return top.indices.tolist(), floor
-    keep = top.values >= top.values[0] - cfg.reward_weight * (1.0 - floor)
-    cands = top.indices[keep].tolist()
-    return cands, (floor if len(cands) > 1 else 1.0)
+    if floor >= cfg.tau_reward:
+        return floor, 0.0
+    return floor, (1.0 - floor if monotone else 1.0) * cfg.gain_share
+
+
+def stake(ctx: Context, logp: torch.Tensor, room: float) -> list[int]:
+    """The top-k candidates the reward could still choose, best first: one candidate more than
+    lambda * room below the best log-probability cannot win."""
+    top = logp.topk(min(ctx.config.k, logp.shape[-1]))
+    if not ctx.config.greedy:  # sampling may pick any candidate
+        return top.indices.tolist()
+    return top.indices[top.values >= top.values[0] - ctx.config.reward_weight * room].tolist()
+
+
+def settled(ctx: Context, rows: torch.Tensor, room: float) -> int:
+    """How many leading positions of `rows` [T, V] (target logits) leave the reward nothing to
+    decide: there CDLH would take the target's argmax too, so no search is needed."""
+    if not ctx.config.greedy:
+        return len(rows)
+    if ctx.config.k == 1 or not len(rows):
+        return len(rows)
+    top = rows.topk(2, dim=-1).values
+    ok = top[:, 0] - top[:, 1] > ctx.config.reward_weight * room
+    return int(ok.long().cumprod(0).sum())
 
 
 def cut(ctx: Context, tokens: list[int]) -> list[int]:
@@ -86,12 +106,14 @@ def keep(ctx: Context, target: Rollout, draft: Rollout | None, row: int, tokens:
     ctx.emit(tokens[: rolled + 1])
 
 
-def speculate(ctx: Context, cands: list[int], all_drafted: bool) -> None:
-    """`verified_prefix` / `accept_draft`: speculative decoding from the top candidate."""
+def speculate(ctx: Context, cands: list[int], room: float, all_drafted: bool) -> None:
+    """`verified_prefix` / `accept_draft`: speculative decoding from the top candidate; a drafted
+    token passes only where the reward has nothing to decide."""
     drafted = ctx.draft.rollout(cands[:1], max(1, min(ctx.config.draft_len, ctx.budget - 1)), ctx.pick)
     tokens = cut(ctx, [cands[0], *drafted.tokens[0].tolist()])
     logits = ctx.target.verify(tokens)  # one row: no forked cache to copy
     n, _ = check(ctx, tokens, logits[1:], drafted.logits[0])
+    n = min(n, settled(ctx, logits[1: len(tokens)], room))
     ctx.stats.drafted += len(tokens) - 1
     ctx.stats.accepted += n
     kept = len(tokens) - 1 if all_drafted else n
@@ -100,7 +122,7 @@ def speculate(ctx: Context, cands: list[int], all_drafted: bool) -> None:
     ctx.emit(tokens[: kept + 1])
 
 
-def search_on_draft(ctx: Context, cands: list[int], logp: torch.Tensor) -> None:
+def search_on_draft(ctx: Context, cands: list[int], logp: torch.Tensor, room: float) -> None:
     """`cdlh_appx`: the draft rolls out every candidate, one target call checks every row."""
     drafted = ctx.draft.rollout(cands, max(1, min(ctx.config.draft_len, ctx.budget - 1)), ctx.pick)
     checked = ctx.target.score_rows(cands, drafted.tokens)
@@ -108,28 +130,37 @@ def search_on_draft(ctx: Context, cands: list[int], logp: torch.Tensor) -> None:
     for i, c in enumerate(cands):
         tokens = cut(ctx, [c, *drafted.tokens[i].tolist()])
         n, nxt = check(ctx, tokens, checked.logits[i], drafted.logits[i])
-        verdicts.append((tokens, n))
+        verdicts.append((tokens, min(n, settled(ctx, checked.logits[i, : len(tokens) - 1], room))))
         rows.append(tokens[: n + 1] + ([] if tokens[n] in ctx.eos else [nxt]))
-    best = choose(ctx, logp[cands], rows)
+    best, _ = choose(ctx, logp[cands], rows)
     tokens, n = verdicts[best]
     ctx.stats.drafted += len(tokens) - 1
     ctx.stats.accepted += n
     keep(ctx, checked, drafted, best, tokens, n)
 
 
-def search_on_target(ctx: Context, cands: list[int], logp: torch.Tensor) -> None:
-    """`cdlh`: the target rolls out every candidate; the winner's lookahead is kept."""
-    steps = max(1, min(ctx.config.lookahead, ctx.budget - 1))
+def search_on_target(ctx: Context, cands: list[int], logp: torch.Tensor, room: float) -> None:
+    """`cdlh`: the target rolls out every candidate; the winner's lookahead is kept as far as
+    the reward has nothing to decide (its last token stays a lookahead: the logits after it
+    are not computed)."""
+    steps = ctx.config.lookahead  # the full L even near the budget: CDLH's reward sees it too
     rolled = ctx.target.rollout(cands, steps, ctx.pick)
     rows = [cut(ctx, [c, *row]) for c, row in zip(cands, rolled.tokens.tolist())]
-    best = choose(ctx, logp[cands], rows)
-    keep(ctx, rolled, None, best, rows[best], min(steps - 1, len(rows[best]) - 1))
+    best, reward = choose(ctx, logp[cands], rows)
+    if getattr(ctx.reward, "monotone", False) and ctx.config.greedy:
+        # CDLH's lookahead from any of the winner's rolled tokens contains the rest of the
+        # winner's row, so its reward there is at least this row's: only 1 - that is left to gain
+        room = min(room, (1.0 - reward) * ctx.config.gain_share)
+    upto = min(steps - 1, len(rows[best]) - 1)
+    keep(ctx, rolled, None, best, rows[best], settled(ctx, rolled.logits[best, :upto], room))
 
 
-def choose(ctx: Context, logp: torch.Tensor, rows: list[list[int]]) -> int:
-    """CDLH's choice: log p(candidate) + lambda * R(prefix + row)."""
-    scores = logp + ctx.config.reward_weight * ctx.rewards(rows)
-    return int(scores.argmax()) if ctx.config.greedy else ctx.pick.one(scores)
+def choose(ctx: Context, logp: torch.Tensor, rows: list[list[int]]) -> tuple[int, float]:
+    """CDLH's choice, log p(candidate) + lambda * R(prefix + row): the row and its reward."""
+    rewards = ctx.rewards(rows)
+    scores = logp + ctx.config.reward_weight * rewards
+    best = int(scores.argmax()) if ctx.config.greedy else ctx.pick.one(scores)
+    return best, float(rewards[best])
 
 
 def cdsl(ctx: Context) -> None:
@@ -137,14 +168,16 @@ def cdsl(ctx: Context) -> None:
     while not ctx.finished:
         ctx.stats.rounds += 1
         logp = torch.log_softmax(ctx.target.next_logits(), dim=-1)
-        cands, r = stake(ctx, logp)
+        floor, room = headroom(ctx)
+        cands = stake(ctx, logp, room)
+        r = floor if len(cands) > 1 else 1.0
         a = ctx.stats.acceptance if ctx.stats.drafted else 1.0
         state = classify(a, r, cfg.tau_accept, cfg.tau_reward)
         ctx.stats.record_state(state.value)
         action = cfg.policy[state]
         if action in (Action.verified_prefix, Action.accept_draft) or len(cands) == 1:
-            speculate(ctx, cands, action is Action.accept_draft)
+            speculate(ctx, cands, room, action is Action.accept_draft)
         elif action is Action.cdlh_appx:
-            search_on_draft(ctx, cands, logp)
+            search_on_draft(ctx, cands, logp, room)
         else:
-            search_on_target(ctx, cands, logp)
+            search_on_target(ctx, cands, logp, room)
