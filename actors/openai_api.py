@@ -68,6 +68,8 @@ class CdslOptions(BaseModel):
     draft_len: int | None = None
     tau_accept: float | None = None
     tau_reward: float | None = None
+    gain_share: float | None = None
+    accept_ratio: float | None = None
     reward_weight: float | None = None
 
 

@@ -62,6 +62,8 @@ def generate(
     draft_len: int = _opt("draft_len"),
     tau_accept: float = _opt("tau_accept"),
     tau_reward: float = _opt("tau_reward"),
+    gain_share: float = _opt("gain_share"),
+    accept_ratio: float = _opt("accept_ratio"),
     reward_weight: float = _opt("reward_weight"),
     max_new_tokens: int = _opt("max_new_tokens"),
     temperature: float = _opt("temperature"),
@@ -76,7 +78,8 @@ def generate(
     """Generate one text under a constraint and print it (or JSON with its stats)."""
     try:
         config = DecodeConfig(method=method, k=k, lookahead=lookahead, draft_len=draft_len,
-                              tau_accept=tau_accept, tau_reward=tau_reward, reward_weight=reward_weight,
+                              tau_accept=tau_accept, tau_reward=tau_reward, gain_share=gain_share,
+                              accept_ratio=accept_ratio, reward_weight=reward_weight,
                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         target_cfg = ModelConfig(path=target, dtype=dtype, device=device)
         draft_cfg = ModelConfig(path=draft, dtype=dtype, device=device) if method in NEEDS_DRAFT else None
@@ -218,7 +221,7 @@ def bench(
     methods: str = typer.Option("greedy,sd,cdlh,cdlh-appx,cdsl", help="Comma-separated methods."),
     limit: int = typer.Option(0, help="Use only the first N examples (0: all)."),
     out: str = typer.Option("runs/bench", help="Folder for results.json, report.md and plots."),
-    sweep: str = typer.Option(None, help='CDSL grid, e.g. "tau_accept=0.5,1;tau_reward=0.5,1;draft_len=2,4".'),
+    sweep: str = typer.Option(None, help='CDSL grid, e.g. "gain_share=1,0.5;accept_ratio=1,0.3;draft_len=3,5".'),
     warmup: int = typer.Option(2, help="Concept sets run first and not counted."),
     readme: str = typer.Option(None, help="Also refresh the table between the bench markers of this file."),
     progress: str = typer.Option("coverable", help="Coverage on unfinished text: coverable, pace or fraction."),
@@ -229,6 +232,8 @@ def bench(
     draft_len: int = _opt("draft_len"),
     tau_accept: float = _opt("tau_accept"),
     tau_reward: float = _opt("tau_reward"),
+    gain_share: float = _opt("gain_share"),
+    accept_ratio: float = _opt("accept_ratio"),
     reward_weight: float = _opt("reward_weight"),
     max_new_tokens: int = _opt("max_new_tokens"),
 ) -> None:
@@ -256,7 +261,8 @@ def bench(
         fail(f"--task must be commongen or harmless, got {task!r}")
     try:
         base = DecodeConfig(k=k, lookahead=lookahead, draft_len=draft_len, tau_accept=tau_accept,
-                            tau_reward=tau_reward, reward_weight=reward_weight, max_new_tokens=max_new_tokens)
+                            tau_reward=tau_reward, gain_share=gain_share, accept_ratio=accept_ratio,
+                            reward_weight=reward_weight, max_new_tokens=max_new_tokens)
         if not names:
             fail("--methods is empty")
         runs = {m: DecodeConfig(**{**base.model_dump(), "method": m}) for m in names}
