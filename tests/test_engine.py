@@ -161,3 +161,23 @@ def test_cancel_stops_a_request_and_frees_its_caches(pairs):
         assert engine.cancelled == 2
     finally:
         engine.close()
+
+
+def test_engine_equals_one_at_a_time_for_every_cdsl_action(pairs):
+    """Every CDSL action's calls (forked rows with several tokens each, adopted rollouts of both
+    models) give in the engine what they give alone."""
+    target, draft = pairs["llama"]
+    reqs = []
+    for i, action in enumerate(["verified_prefix", "accept_draft", "cdlh_appx", "cdlh"] * 2):
+        cfg = DecodeConfig(method="cdsl", max_new_tokens=16, draft_len=3, k=3, lookahead=2,
+                           reward_weight=0.5 + i, accept_ratio=0.2, policy={s: action for s in ("S1", "S2", "S3", "S4")})
+        reqs.append(Request(PROMPTS[i % len(PROMPTS)], cfg, RewardSpec(concepts=CONCEPTS[i % len(CONCEPTS)])))
+    engine = local_engine(target, draft)
+    try:
+        outs = engine.generate_many(reqs, concurrency=len(reqs))
+    finally:
+        engine.close()
+    for req, out in zip(reqs, outs):
+        ref = generate(req.prompt, target, draft, Coverage(req.reward.concepts), req.config)
+        assert out.token_ids == ref.token_ids, req.config.policy
+        assert out.stats.target_calls == ref.stats.target_calls

@@ -36,11 +36,13 @@ def config(model_dirs, family="llama", **kw) -> PipelineConfig:
 
 
 def requests(n: int, max_new_tokens: int = 16) -> list[Request]:
+    """n requests cycling over the methods, and over CDSL's speculative-search action too."""
     out = []
     for i in range(n):
         concepts = CONCEPTS[i % len(CONCEPTS)]
-        cfg = DecodeConfig(method=METHODS[i % len(METHODS)], max_new_tokens=max_new_tokens, draft_len=3, k=3,
-                           lookahead=2)
+        method = METHODS[i % len(METHODS)]
+        extra = {"policy": {"S2": "cdlh_appx", "S4": "cdlh_appx"}} if method == "cdsl" and i // len(METHODS) % 2 else {}
+        cfg = DecodeConfig(method=method, max_new_tokens=max_new_tokens, draft_len=3, k=3, lookahead=2, **extra)
         out.append(Request(f"Concepts: {', '.join(concepts)}\nSentence:", cfg, RewardSpec(concepts=concepts)))
     return out
 
