@@ -169,8 +169,9 @@ def test_engine_equals_one_at_a_time_for_every_cdsl_action(pairs):
     target, draft = pairs["llama"]
     reqs = []
     for i, action in enumerate(["verified_prefix", "accept_draft", "cdlh_appx", "cdlh"] * 2):
+        policy = {s: action for s in ("S1", "S2", "S3", "S4")}
         cfg = DecodeConfig(method="cdsl", max_new_tokens=16, draft_len=3, k=3, lookahead=2,
-                           reward_weight=0.5 + i, accept_ratio=0.2, policy={s: action for s in ("S1", "S2", "S3", "S4")})
+                           reward_weight=0.5 + i, accept_ratio=0.2, policy=policy)
         reqs.append(Request(PROMPTS[i % len(PROMPTS)], cfg, RewardSpec(concepts=CONCEPTS[i % len(CONCEPTS)])))
     engine = local_engine(target, draft)
     try:
