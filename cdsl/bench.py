@@ -205,7 +205,8 @@ def refresh_readme(readme: Path, results: dict) -> None:
         raise ValueError(f"{readme}: no {START} ... {END} markers to refresh")
     cfg = results["config"]
     settings = ", ".join(f"{k}={cfg[k]}" for k in ("k", "lookahead", "draft_len", "tau_accept", "tau_reward",
-                                                   "reward_weight", "max_new_tokens"))
+                                                   "gain_share", "accept_ratio", "reward_weight", "max_new_tokens")
+                         if k in cfg)
     body = (f"{cfg['n']} concept sets of `{cfg['dataset']}`, default pair, {settings}; "
             f"measured in one run by `make bench`.\n\n{report_table(results)}\n")
     head, rest = text.split(START, 1)
