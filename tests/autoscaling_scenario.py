@@ -55,8 +55,10 @@ def main(target: str, draft: str) -> dict:
         pipe = Pipeline(config)  # pending until the autoscaler has added the nodes
         try:
             where = pipe.placement()
-            out = pipe.generate(Request("Concepts: dog, frisbee\nSentence:", DecodeConfig(max_new_tokens=8),
-                                        RewardSpec(concepts=["dog", "frisbee"])))
+            # tau_r = 0: every round speculates, so the draft node does work too
+            cfg = DecodeConfig(max_new_tokens=8, tau_reward=0.0)
+            spec = RewardSpec(concepts=["dog", "frisbee"])
+            out = pipe.generate(Request("Concepts: dog, frisbee\nSentence:", cfg, spec))
         finally:
             pipe.shutdown()
         nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
