@@ -41,6 +41,7 @@ class Metrics:
         if s.drafted:
             self.drafts.inc(max(1, s.rounds), tags)
             self.draft_tokens.inc(s.drafted, tags)
+        if s.accepted:  # Ray counters refuse an increment of 0
             self.accepted_tokens.inc(s.accepted, tags)
         for state, n in s.states.items():
             if n:
