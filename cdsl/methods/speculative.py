@@ -1,4 +1,4 @@
-"""`sd`: plain speculative decoding, and the draft/verify halves CDSL reuses."""
+"""`sd`: plain speculative decoding (draft d tokens, one target call verifies them)."""
 
 from __future__ import annotations
 
@@ -61,16 +61,6 @@ def commit_prefix(ctx: Context, v: Verified) -> None:
     ctx.target.ids.append(v.next_token)
     ctx.draft.ids.append(v.next_token)
     ctx.emit(v.tokens[: v.accepted] + [v.next_token])
-
-
-def commit_all(ctx: Context, v: Verified) -> None:
-    """Keep the whole draft, verified or not, plus the bonus token when all of it passed."""
-    tokens = list(v.tokens)
-    if v.accepted == len(v.tokens):
-        tokens.append(v.next_token)
-        ctx.target.ids.append(v.next_token)
-        ctx.draft.ids.append(v.next_token)
-    ctx.emit(tokens)
 
 
 def sd(ctx: Context) -> None:
