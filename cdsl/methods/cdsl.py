@@ -2,26 +2,30 @@
 
 Each round starts from the target's next-token logits (known from the previous round's call):
 1. *Stake.* The target's top-k candidates, less those no reward could lift to the top: a
-   candidate more than lambda * headroom below the best log-probability cannot win, where the
-   headroom is 1 - R(prefix) for a monotone reward (coverage cannot go down) and 1 otherwise.
-   r = R(prefix) while two or more candidates remain, else 1 (nothing for the reward to decide).
+   candidate more than lambda * room below the best log-probability cannot win a CDLH step,
+   where room = 1 - R(prefix) for a monotone reward (coverage cannot go down), 1 otherwise, 0
+   once R(prefix) >= tau_r, times `gain_share`. r = R(prefix) while two or more candidates
+   remain, else 1 (nothing for the reward to decide).
 2. *State.* a = the draft's acceptance so far in this generation (1 before any drafting);
    S1 a >= tau_a, r >= tau_r; S2 a >= tau_a, r < tau_r; S3 a < tau_a, r >= tau_r; S4 both low.
 3. *Action,* from `DecodeConfig.policy`:
    - `verified_prefix`: speculative decoding from the top candidate: the draft writes
-     `draft_len` tokens, one target call checks them, the candidate and the accepted prefix are
-     kept (a token passes while its target probability is at least `accept_ratio` times the
-     best; the speculative-sampling test when sampling);
+     `draft_len` tokens, one target call checks them (a token passes while its target
+     probability is at least `accept_ratio` times the best; the speculative-sampling test when
+     sampling), and the candidate and the passed tokens are kept;
    - `accept_draft`: the same, keeping every drafted token;
    - `cdlh_appx`: a speculative lookahead search: the draft rolls out every candidate, ONE
      target call checks all rows, the reward ranks the rows as the target would continue them
-     (accepted tokens plus the target's own token where it disagrees), and the winner's
-     candidate and accepted tokens are kept;
-   - `cdlh`: a CDLH step whose winning lookahead is kept: the target rolls out every candidate
+     (passed tokens plus the target's own token where it disagrees), and the winner's
+     candidate and passed tokens are kept;
+   - `cdlh`: a CDLH step whose lookahead is kept: the target rolls out every candidate
      `lookahead` tokens (one batched call per position), the reward ranks them, and the winner's
-     candidate and all its L rolled tokens (the target's own greedy text) are kept.
-A round never ends on a correction token: the next round re-decides that position with the
-reward, from target logits the round's last call already computed.
+     candidate and rolled tokens (the target's own greedy text) are kept.
+Tokens after the candidate are kept only while they are *settled*: the target's top two differ
+by more than lambda * room there, so CDLH would take the argmax too. With greedy choices, a
+monotone reward and gain_share = 1 the output is therefore CDLH's own. A round never ends on a
+correction token: the next round decides that position with the reward, from target logits the
+round's last call already computed.
 """
 
 from __future__ import annotations
