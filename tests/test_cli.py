@@ -36,6 +36,8 @@ def test_bad_options_name_the_field(model_dirs):
     assert res.exit_code == 2 and "method" in res.output
     res = invoke(model_dirs, "--concepts", "dog", "--tau-reward", "1.5")
     assert res.exit_code == 2 and "tau_reward" in res.output
+    res = invoke(model_dirs, "--concepts", "dog", "--accept-ratio", "1.5")
+    assert res.exit_code == 2 and "accept_ratio" in res.output
     res = invoke(model_dirs, "--method", "cdsl", "--prompt", "hello")
     assert res.exit_code == 2 and "needs a constraint" in res.output
     res = runner.invoke(app, ["generate", "--concepts", "dog", "--target", "/no/such/model"])

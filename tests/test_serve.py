@@ -125,6 +125,7 @@ BAD = [
     ({"prompt": "x", "cdsl": {"lookahead": 65}}, "cdsl.lookahead", "16"),
     ({"prompt": "x", "cdsl": {"draft_len": 17}}, "cdsl.draft_len", "16"),
     ({"prompt": "x", "cdsl": {"tau_accept": 2}}, "cdsl.tau_accept", "1"),
+    ({"prompt": "x", "cdsl": {"gain_share": -0.5}}, "cdsl.gain_share", "greater than or equal to 0"),
     ({"prompt": "x", "cdsl": {"speed": 2}}, "cdsl.speed", "Extra inputs"),
     ({"prompt": "x" * 8001}, "prompt", "limit of 8000 characters"),
     ({"prompt": "", "constraints": {"concepts": [f"c{i}" for i in range(33)]}}, "constraints.concepts", "32"),
