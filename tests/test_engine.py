@@ -45,10 +45,10 @@ def _requests(methods, d=3):
     return reqs
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_engine_equals_one_at_a_time(pairs, family):
-    target, draft = pairs[family]
-    reqs = _requests(["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]) * 2
+def _engine_matches_alone(pair, reqs: list[Request]) -> dict:
+    """Run `reqs` together in a local engine, check each against a lone `generate`; the
+    engine's utilisation."""
+    target, draft = pair
     engine = local_engine(target, draft)
     try:
         outs = engine.generate_many(reqs, concurrency=len(reqs))
@@ -57,9 +57,15 @@ def test_engine_equals_one_at_a_time(pairs, family):
         engine.close()
     for req, out in zip(reqs, outs):
         ref = generate(req.prompt, target, draft, Coverage(req.reward.concepts), req.config)
-        assert out.token_ids == ref.token_ids, req.config.method
+        assert out.token_ids == ref.token_ids, req.config
         assert out.stats.states == ref.stats.states
         assert out.stats.target_calls == ref.stats.target_calls
+    return use
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_engine_equals_one_at_a_time(pairs, family):
+    use = _engine_matches_alone(pairs[family], _requests(["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]) * 2)
     assert use["target"]["mean_batch"] > 1.5  # calls of different requests really shared forwards
     assert set(use) == {"target", "draft", "reward"}
 
@@ -166,19 +172,10 @@ def test_cancel_stops_a_request_and_frees_its_caches(pairs):
 def test_engine_equals_one_at_a_time_for_every_cdsl_action(pairs):
     """Every CDSL action's calls (forked rows with several tokens each, adopted rollouts of both
     models) give in the engine what they give alone."""
-    target, draft = pairs["llama"]
     reqs = []
     for i, action in enumerate(["verified_prefix", "accept_draft", "cdlh_appx", "cdlh"] * 2):
         policy = {s: action for s in ("S1", "S2", "S3", "S4")}
         cfg = DecodeConfig(method="cdsl", max_new_tokens=16, draft_len=3, k=3, lookahead=2,
                            reward_weight=0.5 + i, accept_ratio=0.2, policy=policy)
         reqs.append(Request(PROMPTS[i % len(PROMPTS)], cfg, RewardSpec(concepts=CONCEPTS[i % len(CONCEPTS)])))
-    engine = local_engine(target, draft)
-    try:
-        outs = engine.generate_many(reqs, concurrency=len(reqs))
-    finally:
-        engine.close()
-    for req, out in zip(reqs, outs):
-        ref = generate(req.prompt, target, draft, Coverage(req.reward.concepts), req.config)
-        assert out.token_ids == ref.token_ids, req.config.policy
-        assert out.stats.target_calls == ref.stats.target_calls
+    _engine_matches_alone(pairs["llama"], reqs)
