@@ -55,26 +55,31 @@ def _wait_all(refs: list) -> list:
     return ray.get(refs)
 
 
-class TargetGroup:
-    """`target_tp` ranks of the target in one placement group; rank 0's answer is the result."""
+def _bundle(config: PipelineConfig, gpus: float, resource: str) -> dict:
+    """What one worker reserves: its CPUs, GPUs and the custom resource of its kind."""
+    bundle = {"CPU": config.cpus_per_worker, "GPU": gpus, resource: 1 if _wanted(config, resource) else 0}
+    return {k: v for k, v in bundle.items() if v}
 
-    def __init__(self, config: PipelineConfig) -> None:
-        self.config, self.ranks, self.pg = config, [], None
+
+class TargetGroup:
+    """`target_tp` ranks of the target in one placement group; rank 0's answer is the result.
+    Given `pg`, the ranks take its bundles `first_bundle` onwards and the group never removes it
+    (a packed pipeline owns it); otherwise the group makes a STRICT_PACK group of its own."""
+
+    def __init__(self, config: PipelineConfig, pg=None, first_bundle: int = 0) -> None:
+        self.config, self.ranks, self.pg = config, [], pg
+        self.owns_pg, self.first_bundle = pg is None, first_bundle
         self.lock = threading.Lock()
         self.builds = 0
         self._build()
 
     def _build(self) -> None:
         cfg, tp = self.config, self.config.target_tp
-        bundle = {"CPU": cfg.cpus_per_worker}
-        if cfg.target_num_gpus:
-            bundle["GPU"] = cfg.target_num_gpus
-        if _wanted(cfg, TARGET_RESOURCE):
-            bundle[TARGET_RESOURCE] = 1
-        bundle = {k: v for k, v in bundle.items() if v}
-        self.pg = placement_group([bundle] * tp, strategy="STRICT_PACK") if bundle else None
-        if self.pg is not None:
-            ray.get(self.pg.ready(), timeout=600)
+        bundle = _bundle(cfg, cfg.target_num_gpus, TARGET_RESOURCE)
+        if self.owns_pg:
+            self.pg = placement_group([bundle] * tp, strategy="STRICT_PACK") if bundle else None
+            if self.pg is not None:
+                ray.get(self.pg.ready(), timeout=600)
         worker = ray.remote(ModelWorker)
         # rank 0's node hosts the rendezvous; ask that node for its address and a free port
         master = ray.get(ray.remote(_master_address).options(**self._options(0)).remote()) if tp > 1 else None
@@ -87,7 +92,8 @@ class TargetGroup:
         cfg = self.config
         opts: dict = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.target_num_gpus}
         if self.pg is not None:
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=self.first_bundle + rank)
             if _wanted(cfg, TARGET_RESOURCE):
                 opts["resources"] = {TARGET_RESOURCE: 1}
         return opts
@@ -111,9 +117,27 @@ class TargetGroup:
             except Exception:  # a dead rank has nothing left to close
                 pass
             ray.kill(r)
-        if self.pg is not None:
+        if self.pg is not None and self.owns_pg:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+def _packed_group(config: PipelineConfig, timeout_s: float = 600.0):
+    """One PACK placement group: the draft's bundle (if any), then one per target rank; None
+    when no worker reserves anything."""
+    bundles = [_bundle(config, config.target_num_gpus, TARGET_RESOURCE)] * config.target_tp
+    if config.draft is not None:
+        bundles.insert(0, _bundle(config, config.draft_num_gpus, DRAFT_RESOURCE))
+    if not all(bundles):
+        return None
+    pg = placement_group(bundles, strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as err:
+        remove_placement_group(pg)
+        raise RuntimeError(f"no room for a pipeline replica ({bundles}) after {timeout_s:.0f} s; "
+                           "the cluster lacks the resources, or the autoscaler did not add them") from err
+    return pg
 
 
 def _master_address() -> tuple[str, int]:
@@ -149,16 +173,19 @@ class ActorExecutor:
 class Coordinator:
     """Owns request state: runs the engine over the workers, many requests at once."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, pg=None) -> None:
         self.config = config
         codec = Codec.load(config.target, "target")
-        self.target = TargetGroup(config)
+        packed_draft = pg is not None and config.draft is not None
+        self.target = TargetGroup(config, pg, first_bundle=int(packed_draft))
         self.draft = None
         if config.draft is not None:
             opts: dict = {"num_cpus": config.cpus_per_worker, "num_gpus": config.draft_num_gpus,
                           "max_restarts": config.max_restarts}
             if _wanted(config, DRAFT_RESOURCE):
                 opts["resources"] = {DRAFT_RESOURCE: 1}
+            if packed_draft:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
             self.draft = ray.remote(ModelWorker).options(**opts).remote(config.draft)
         self.reward = ray.remote(RewardWorker).options(num_cpus=0, max_restarts=config.max_restarts).remote()
         ray.get([a.where.remote() for a in self.workers()])
@@ -216,7 +243,10 @@ class Coordinator:
 class Pipeline:
     """The front door: start the workers and coordinator on Ray, generate, shut down."""
 
-    def __init__(self, config: PipelineConfig | None = None, address: str | None = None) -> None:
+    def __init__(self, config: PipelineConfig | None = None, address: str | None = None, pack: bool = False) -> None:
+        """`pack`: reserve the draft and every target rank in one PACK placement group, so the
+        whole pipeline lands on one node when one node can hold it (a replica of the dataset
+        job); otherwise each worker is placed on its own."""
         self.config = config = config or PipelineConfig()
         check_tensor_parallel(config.target, config.target_tp)
         self.owns_ray = not ray.is_initialized()
@@ -228,8 +258,11 @@ class Pipeline:
             ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
                      log_to_driver=False)
         start = time.perf_counter()
-        coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=config.max_concurrency + 16)
-        self.coordinator = coordinator.remote(config)
+        self.pg = _packed_group(config) if pack else None
+        opts: dict = {"num_cpus": 0, "max_concurrency": config.max_concurrency + 16}
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)
+        self.coordinator = ray.remote(Coordinator).options(**opts).remote(config, self.pg)
         ray.get(self.coordinator.ready.remote())
         self.start_s = time.perf_counter() - start
 
@@ -264,5 +297,7 @@ class Pipeline:
         """Stop the workers and coordinator (and Ray itself, if this pipeline started it)."""
         ray.get(self.coordinator.shutdown.remote())
         ray.kill(self.coordinator)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
         if self.owns_ray:
             ray.shutdown()

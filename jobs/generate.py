@@ -1,13 +1,16 @@
-"""The main job: every row of a dataset through the Ray pipeline, Parquet shards out.
+"""The main job: every row of a dataset through a pool of pipeline replicas, on Ray Data.
 
     ray job submit --working-dir . -- python -m jobs.generate --input IN --output OUT_DIR \\
-        [--method cdsl[,cdlh,...]] [--config ray_config.yaml]
+        [--method cdsl[,cdlh,...]] [--config ray_config.yaml] [--replicas N | MIN,MAX] [--batch-size 64]
 
-Rows are cut into shards of `--shard-size` in input order; each method's shard i goes to
-OUT_DIR/<method>/part-<i>.parquet, written atomically. A rerun of the same command skips
-shards already written, so an interrupted job resumes and every row appears exactly once. Bad
-rows are written with their `error` and skipped; the exit code is 1 if any row failed, 2 if the
-job could not start (missing input, bad config).
+One streaming pass cuts the input into shards of `--batch-size` rows in input order; the driver
+keeps a few integers per shard, never the rows. For each method, Ray Data hands the shards not yet
+written to an actor pool of `jobs.replica.Replica`s, each owning a whole pipeline (coordinator,
+draft worker, target group) placed by the config's resources; a replica reads its shard, generates
+it and writes OUT_DIR/<method>/part-<i>.parquet atomically. A rerun of the same command skips the
+shards already written, so a stopped job resumes and every row appears exactly once. Bad rows are
+written with their `error`; the exit code is 1 if any row failed, 2 if the job could not start
+(missing input, bad config, bad options).
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from collections import deque
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,18 +28,25 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from actors.config import PipelineConfig
-from actors.pipeline import Pipeline
 from cdsl.config import DecodeConfig
-from cdsl.engine import Request
-from cdsl.models import Codec
 from jobs.cli import fail, validation_message
-from jobs.rows import check_row, output_row, read_rows, to_table
+from jobs.replica import Replica, shard_path
+from jobs.rows import Plan, plan_input
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def shard_path(out: Path, method: str, index: int) -> Path:
-    return out / method / f"part-{index:05d}.parquet"
+def parse_replicas(text: str) -> tuple[int, int]:
+    """`N` (a fixed pool) or `MIN,MAX` (Ray Data grows the pool while shards wait)."""
+    try:
+        sizes = [int(p) for p in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or not 1 <= sizes[0] <= sizes[1]:
+        raise ValueError(f"--replicas: {text!r} is not N or MIN,MAX with 1 <= MIN <= MAX")
+    return sizes[0], sizes[1]
 
 
 def check_manifest(out: Path, manifest: dict) -> None:
@@ -45,77 +54,88 @@ def check_manifest(out: Path, manifest: dict) -> None:
     path = out / "_manifest.json"
     if path.exists():
         old = json.loads(path.read_text())
-        for key in ("rows", "shard_size"):
+        for key in ("rows", "batch_size"):
             if old.get(key) != manifest[key]:
                 fail(f"{out} holds a run with {key}={old.get(key)}, this one has {manifest[key]}; "
-                     "use another --output or the same input and --shard-size")
+                     "use another --output or the same input and --batch-size")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=2))
 
 
-def run_job(pipe: Pipeline, rows: list[dict], schema, method: str, config: PipelineConfig, out: Path,
-            shard_size: int, concurrency: int, tokenizer=None) -> dict:
-    """Generate every missing shard of one method; returns {"tokens": generated, "seconds": wall}."""
-    shards = [(method, i) for i in range(0, len(rows), shard_size)
-              if not shard_path(out, method, i // shard_size).exists()]
-    todo = sum(min(shard_size, len(rows) - i) for _, i in shards)
-    bar = tqdm(total=todo, desc=method, unit="row", file=sys.stderr, mininterval=2, dynamic_ncols=False,
-               ncols=100, disable=todo == 0)
-    start, tokens = time.perf_counter(), 0
-    queue = deque((m, i, row) for m, i in shards for row in rows[i:i + shard_size])
-    buffers: dict[tuple[str, int], list] = {(m, i): [] for m, i in shards}
-    inflight: dict = {}
+def connect(config: PipelineConfig, replicas: int) -> None:
+    """The cluster of `ray job submit` (RAY_ADDRESS), else a local Ray with a logical CPU per worker."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    need = replicas * config.cpus_per_worker * (config.target_tp + (config.draft is not None))
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False, log_to_driver=False)
 
-    def finish(m: str, i: int, out_row: dict) -> None:
-        buffers[(m, i)].append(out_row)
-        bar.update(1)
-        if len(buffers[(m, i)]) == min(shard_size, len(rows) - i):
-            table = to_table(sorted(buffers.pop((m, i)), key=lambda r: r["row"]), schema)
-            path = shard_path(out, m, i // shard_size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)  # a shard exists whole or not at all
 
-    while queue or inflight:
-        while queue and len(inflight) < concurrency:
-            m, i, row = queue.popleft()
-            try:
-                prompt, spec = check_row(row, tokenizer)
-            except ValueError as err:
-                finish(m, i, output_row(row, schema, m, None, str(err), None))
-                continue
-            req = Request(prompt, config.decode.model_copy(update={"method": m}), spec, id=f"{m}-{row['row']}")
-            inflight[pipe.coordinator.generate.remote(req)] = (m, i, row, spec.concepts)
-        if not inflight:
-            continue
-        done, _ = ray.wait(list(inflight), num_returns=1)
-        m, i, row, concepts = inflight.pop(done[0])
-        try:
-            result = ray.get(done[0])
-            tokens += result.stats.tokens
-            finish(m, i, output_row(row, schema, m, result, None, concepts))
-        except ray.exceptions.RayTaskError as err:  # this row failed; the others go on
-            finish(m, i, output_row(row, schema, m, None, f"generation failed: {err.cause!r}", concepts))
-    bar.close()
-    return {"tokens": tokens, "seconds": time.perf_counter() - start}
+def run_methods(plan: Plan, methods: list[str], config: PipelineConfig, out: Path, replicas: tuple[int, int],
+                shards_per_replica: int, run: str) -> dict[str, dict]:
+    """Generate every missing shard of every method (method by method) on one pool of replicas;
+    returns per method this run's tokens, wall time (first shard start to last shard end) and
+    figures per replica."""
+    todo = [s | {"method": m} for m in methods for s in plan.shards if not shard_path(out, m, s["shard"]).exists()]
+    runs: dict = {m: {"tokens": 0, "seconds": 0.0, "replicas": {}, "first": None, "last": 0.0} for m in methods}
+    if todo:
+        pool = ray.data.ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1],
+                                          max_concurrent_calls_per_actor=shards_per_replica)
+        args = {"config": config.model_dump(mode="json"), "input": plan.path, "output": str(out), "run": run,
+                "schema": plan.schema.serialize().to_pybytes()}
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            Replica, batch_size=1, compute=pool, num_cpus=0, fn_constructor_kwargs=args)
+        bar = tqdm(total=sum(s["stop"] - s["start"] for s in todo), desc=",".join(methods), unit="row",
+                   file=sys.stderr, mininterval=2, dynamic_ncols=False, ncols=100)
+        for s in ds.iter_rows():
+            bar.update(int(s["rows"]))
+            start, end, tokens = float(s["start"]), float(s["end"]), int(s["tokens"])
+            m = runs[str(s["method"])]
+            m["tokens"] += tokens
+            m["first"], m["last"] = min(m["first"] or start, start), max(m["last"], end)
+            r = m["replicas"].setdefault(str(s["replica"]), {"node": str(s["node"]), "rows": 0, "tokens": 0,
+                                                              "first": start, "last": 0.0})
+            r["rows"] += int(s["rows"])
+            r["tokens"] += tokens
+            r["first"], r["last"] = min(r["first"], start), max(r["last"], end)
+        bar.close()
+    for m in runs.values():
+        m["seconds"] = m.pop("last") - (m.pop("first") or 0.0) if m["tokens"] else 0.0
+        for r in m["replicas"].values():
+            r["seconds"] = r.pop("last") - r.pop("first")
+            r["tokens_per_s"] = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
+    return runs
+
+
+SUMMED = ("tokens", "time_s", "S1", "S2", "S3", "S4")
 
 
 def summarize(out: Path, methods: list[str], runs: dict[str, dict]) -> dict:
-    """Figures over all shards of every method (this run's and earlier ones); wall time and
-    tokens/s cover the rows generated by this run."""
+    """Figures over all shards of every method (this run's and earlier ones), read a shard at a
+    time; wall time, tokens/s and replicas cover the rows generated by this run."""
     summary = {"output": str(out), "methods": {}}
     for m in methods:
-        t = pq.read_table(out / m).to_pylist()
-        ok = [r for r in t if r["error"] is None]
-        states = {s: sum(r[s] for r in ok) for s in ("S1", "S2", "S3", "S4")}
-        time_s = sum(r["time_s"] for r in ok)
+        n = ok = full = 0
+        cover = 0.0
+        sums = dict.fromkeys(SUMMED, 0)
+        for path in sorted((out / m).glob("part-*.parquet")):
+            t = pq.read_table(path, columns=["error", "coverage", *SUMMED]).to_pylist()
+            n += len(t)
+            good = [r for r in t if r["error"] is None]
+            ok += len(good)
+            cover += sum(r["coverage"] for r in good)
+            full += sum(r["coverage"] == 1.0 for r in good)
+            for key in SUMMED:
+                sums[key] += sum(r[key] for r in good)
+        run = runs[m]
         summary["methods"][m] = {
-            "rows": len(t), "errors": len(t) - len(ok),
-            "mean_coverage": sum(r["coverage"] for r in ok) / len(ok) if ok else 0.0,
-            "all_covered": sum(r["coverage"] == 1.0 for r in ok) / len(ok) if ok else 0.0,
-            "tokens": sum(r["tokens"] for r in ok), "request_seconds": time_s, "states": states,
-            "tokens_this_run": runs[m]["tokens"], "wall_s_this_run": runs[m]["seconds"],
-            "tokens_per_s_this_run": runs[m]["tokens"] / runs[m]["seconds"] if runs[m]["tokens"] else 0.0,
+            "rows": n, "errors": n - ok, "mean_coverage": cover / ok if ok else 0.0,
+            "all_covered": full / ok if ok else 0.0, "tokens": sums["tokens"], "request_seconds": sums["time_s"],
+            "states": {s: sums[s] for s in ("S1", "S2", "S3", "S4")},
+            "tokens_this_run": run["tokens"], "wall_s_this_run": run["seconds"],
+            "tokens_per_s_this_run": run["tokens"] / run["seconds"] if run["tokens"] else 0.0,
+            "replicas_this_run": run["replicas"],
         }
     ref = runs.get("cdlh", {}).get("seconds") if runs.get("cdlh", {}).get("tokens") else None
     for m, s in summary["methods"].items():
@@ -130,6 +150,12 @@ def print_table(summary: dict) -> None:
         speed = f"{s['speedup_vs_cdlh']:.2f}x" if s["speedup_vs_cdlh"] else "-"
         typer.echo(f"| {m} | {s['rows']} | {s['errors']} | {s['all_covered']:.0%} | {s['mean_coverage']:.1%} | "
                    f"{s['wall_s_this_run']:.1f} | {s['tokens_per_s_this_run']:.1f} | {speed} |")
+    typer.echo("\n| method | replica | node | rows | tokens | busy s | tokens/s |")
+    typer.echo("|---|---|---|---|---|---|---|")
+    for m, s in summary["methods"].items():
+        for name, r in s["replicas_this_run"].items():
+            typer.echo(f"| {m} | {name} | {r['node'][:8]} | {r['rows']} | {r['tokens']} | {r['seconds']:.1f} | "
+                       f"{r['tokens_per_s']:.1f} |")
 
 
 @app.command()
@@ -139,33 +165,37 @@ def main(
     method: str = typer.Option(None, help="Method, or several comma-separated; default: the config's."),
     config: str = typer.Option(None, help="YAML with a `cdsl:` section (e.g. ray_config.yaml)."),
     target_tp: int = typer.Option(None, help="Override the config's tensor-parallel size."),
-    shard_size: int = typer.Option(100, min=1, help="Rows per output shard (the unit of resumption)."),
-    concurrency: int = typer.Option(64, min=1, help="Rows in flight at once."),
+    replicas: str = typer.Option("1", help="Pipeline replicas: N, or MIN,MAX for a pool that grows while "
+                                           "shards wait. Each replica needs one draft and target_tp target slots."),
+    batch_size: int = typer.Option(64, min=1, help="Rows a replica takes at once (one output shard, the unit of "
+                                                   "resumption)."),
+    shards_per_replica: int = typer.Option(2, min=1, help="Shards a replica works on at once, so its batches stay "
+                                                          "full while one shard's last rows finish."),
     limit: int = typer.Option(0, min=0, help="Only the first N rows (0: all)."),
 ) -> None:
     try:
+        pool = parse_replicas(replicas)
         cfg = PipelineConfig.from_yaml(config) if config else PipelineConfig()
         if target_tp is not None:
             cfg = PipelineConfig.model_validate({**cfg.model_dump(), "target_tp": target_tp})
         methods = [m.strip() for m in (method or cfg.decode.method).split(",") if m.strip()]
         for m in methods:
             DecodeConfig.model_validate(cfg.decode.model_dump() | {"method": m})  # names a bad method
-        rows, schema = read_rows(input)
-        rows = rows[: limit or None]
-        tokenizer = Codec.load(cfg.target, "target").tokenizer  # task prompts use its chat template
+        plan = plan_input(input, batch_size, limit)
     except ValidationError as err:
         fail(validation_message(err))
     except (OSError, ValueError) as err:
         fail(str(err))
-    if not rows:
+    if not plan.rows:
         fail(f"input file {input} has no rows")
-    check_manifest(output, {"input": str(input), "rows": len(rows), "shard_size": shard_size, "methods": methods})
-    typer.echo(f"{len(rows)} rows x {len(methods)} method(s) -> {output}", err=True)
-    pipe = Pipeline(cfg)
+    check_manifest(output, {"input": str(input), "rows": plan.rows, "batch_size": batch_size, "methods": methods})
+    typer.echo(f"{plan.rows} rows x {len(methods)} method(s) on {replicas} replica(s) -> {output}", err=True)
+    connect(cfg, pool[1])
+    run = uuid.uuid4().hex
     try:
-        runs = {m: run_job(pipe, rows, schema, m, cfg, output, shard_size, concurrency, tokenizer) for m in methods}
+        runs = run_methods(plan, methods, cfg, output, pool, shards_per_replica, run)
     finally:
-        pipe.shutdown()
+        ray.shutdown()
     summary = summarize(output, methods, runs)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print_table(summary)

@@ -1,0 +1,152 @@
+"""One pipeline replica of the dataset job, as a Ray Data actor: shards in, Parquet shards out.
+
+Ray Data calls a `Replica` with shard descriptors (see `jobs.rows.plan_input`); the replica reads
+the shard's rows from the input itself, sends them all to its own coordinator (which batches
+them), writes the shard atomically and returns one summary row per shard. A shard is the unit of
+exactly-once: its file exists whole or not at all, and a retried shard whose file exists is not
+computed again.
+
+Ray Data restarts a replica that dies and retries its shard. A shard that has killed
+`MAX_ATTEMPTS` replicas in this run is retried row by row, each row marked before it starts; a
+row found marked on the next try is the one that killed the replica, and is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from actors.config import PipelineConfig
+from actors.pipeline import Pipeline
+from cdsl.engine import Request
+from cdsl.models import Codec
+from jobs.rows import check_row, output_row, read_shard, to_table
+
+MAX_ATTEMPTS = 2
+"""Replica deaths a shard may cause before its rows are tried one at a time."""
+CHAOS_ENV = "CDSL_CHAOS_EXIT_ON_CONCEPT"
+"""Fault injection for tests: a replica that meets a row with this concept exits at once, as one
+whose row crashes it would."""
+
+
+def shard_path(out: Path, method: str, index: int) -> Path:
+    return out / method / f"part-{index:05d}.parquet"
+
+
+class Replica:
+    """Owns one pipeline (coordinator, draft worker, target group), packed onto one node when
+    the node can hold it."""
+
+    def __init__(self, config: dict, input: str, schema: bytes, output: str, run: str) -> None:
+        self.config = PipelineConfig.model_validate(config)
+        self.input, self.out, self.run = input, Path(output), run
+        self.schema = pa.ipc.read_schema(pa.py_buffer(schema))
+        self.pipe = Pipeline(self.config, pack=True)
+        self.tokenizer = Codec.load(self.config.target, "target").tokenizer  # task prompts use its chat template
+        self.name = ray.get_runtime_context().get_actor_id()[:8]
+        self.node = self.pipe.placement()["target"][0]["node_id"]
+
+    def __call__(self, batch: dict) -> dict:
+        summaries = [self.shard({k: v[i] for k, v in batch.items()}) for i in range(len(batch["shard"]))]
+        return {k: [s[k] for s in summaries] for k in summaries[0]}
+
+    def shard(self, shard: dict) -> dict:
+        """Generate, write and summarise one shard (nothing, if an earlier try wrote it)."""
+        method, index = str(shard["method"]), int(shard["shard"])
+        path = shard_path(self.out, method, index)
+        start = time.time()
+        if path.exists():
+            meta = pq.read_metadata(path)
+            return self._summary(method, index, meta.num_rows, 0, 0, start, fresh=False)
+        tries = self._attempt(method, index)
+        rows = read_shard(self.input, {k: int(shard[k]) for k in ("start", "stop", "offset", "line")})
+        one_by_one = tries["attempts"] > MAX_ATTEMPTS
+        out = self._one_by_one(method, rows, tries) if one_by_one else self._together(method, rows)
+        table = to_table(sorted(out, key=lambda r: r["row"]), self.schema)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)  # a shard exists whole or not at all
+        self._attempts_path(method, index).unlink(missing_ok=True)
+        errors = sum(r["error"] is not None for r in out)
+        return self._summary(method, index, len(out), errors, sum(r["tokens"] or 0 for r in out), start, fresh=True)
+
+    def _summary(self, method: str, index: int, rows: int, errors: int, tokens: int, start: float,
+                 fresh: bool) -> dict:
+        return {"method": method, "shard": index, "rows": rows, "errors": errors, "tokens": tokens,
+                "replica": self.name, "node": self.node, "start": start, "end": time.time(), "fresh": fresh}
+
+    def _row(self, method: str, row: dict, result=None, error: str | None = None, concepts=None) -> dict:
+        out = output_row(row, self.schema, method, result, error, concepts)
+        out["replica"] = self.name
+        return out
+
+    def _submit(self, method: str, row: dict):
+        """The row's checked request sent to the coordinator, or its output row if the check failed."""
+        try:
+            prompt, spec = check_row(row, self.tokenizer)
+        except ValueError as err:
+            return self._row(method, row, error=str(err))
+        if os.environ.get(CHAOS_ENV) in spec.concepts:
+            os._exit(1)
+        decode = self.config.decode.model_copy(update={"method": method})
+        return self.pipe.coordinator.generate.remote(Request(prompt, decode, spec, id=f"{method}-{row['row']}")), spec
+
+    def _collect(self, method: str, row: dict, ref, spec) -> dict:
+        try:
+            return self._row(method, row, ray.get(ref), concepts=spec.concepts)
+        except ray.exceptions.RayTaskError as err:  # this row failed; the others go on
+            return self._row(method, row, error=f"generation failed: {err.cause!r}", concepts=spec.concepts)
+
+    def _together(self, method: str, rows: list[dict]) -> list[dict]:
+        """All rows in flight at once, so the coordinator's batches stay full."""
+        sent = [(row, self._submit(method, row)) for row in rows]
+        return [s if isinstance(s, dict) else self._collect(method, row, *s) for row, s in sent]
+
+    def _one_by_one(self, method: str, rows: list[dict], tries: dict) -> list[dict]:
+        out = []
+        for row in rows:
+            if row["row"] in tries["started"]:
+                out.append(self._row(method, row, error=f"row killed its replica ({MAX_ATTEMPTS + 1} tries); skipped"))
+                continue
+            tries["started"].append(row["row"])
+            self._save_attempts(method, tries["shard"], tries)
+            sent = self._submit(method, row)
+            out.append(sent if isinstance(sent, dict) else self._collect(method, row, *sent))
+        return out
+
+    def _attempts_path(self, method: str, index: int) -> Path:
+        return self.out / "_attempts" / method / f"part-{index:05d}.json"
+
+    def _attempt(self, method: str, index: int) -> dict:
+        """Count this try of the shard (tries from an earlier run of the job do not count)."""
+        path = self._attempts_path(method, index)
+        tries = json.loads(path.read_text()) if path.exists() else {}
+        if tries.get("run") != self.run:
+            tries = {"run": self.run, "shard": index, "attempts": 0, "started": []}
+        tries["attempts"] += 1
+        self._save_attempts(method, index, tries)
+        return tries
+
+    def _save_attempts(self, method: str, index: int, tries: dict) -> None:
+        path = self._attempts_path(method, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps(tries))
+        os.replace(tmp, path)
+
+    def __del__(self) -> None:
+        pipe = getattr(self, "pipe", None)
+        if pipe is not None:
+            try:
+                pipe.shutdown()
+            except Exception:  # Ray may already be tearing the job down
+                pass
+
