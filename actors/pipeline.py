@@ -122,15 +122,19 @@ class TargetGroup:
             self.pg = None
 
 
-def _packed_group(config: PipelineConfig, timeout_s: float = 600.0):
+def _packed_group(config: PipelineConfig, name: str, timeout_s: float = 600.0):
     """One PACK placement group: the draft's bundle (if any), then one per target rank; None
     when no worker reserves anything."""
+    try:
+        remove_placement_group(ray.util.get_placement_group(name))
+    except ValueError:  # no group of that name: nothing left over
+        pass
     bundles = [_bundle(config, config.target_num_gpus, TARGET_RESOURCE)] * config.target_tp
     if config.draft is not None:
         bundles.insert(0, _bundle(config, config.draft_num_gpus, DRAFT_RESOURCE))
     if not all(bundles):
         return None
-    pg = placement_group(bundles, strategy="PACK")
+    pg = placement_group(bundles, strategy="PACK", name=name)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as err:
@@ -243,10 +247,13 @@ class Coordinator:
 class Pipeline:
     """The front door: start the workers and coordinator on Ray, generate, shut down."""
 
-    def __init__(self, config: PipelineConfig | None = None, address: str | None = None, pack: bool = False) -> None:
-        """`pack`: reserve the draft and every target rank in one PACK placement group, so the
-        whole pipeline lands on one node when one node can hold it (a replica of the dataset
-        job); otherwise each worker is placed on its own."""
+    def __init__(self, config: PipelineConfig | None = None, address: str | None = None,
+                 pack: str | None = None) -> None:
+        """`pack`: reserve the draft and every target rank in one PACK placement group of that
+        name, so the whole pipeline lands on one node when one node can hold it (a replica of
+        the dataset job). A group of that name left by a dead predecessor (Ray scopes groups to
+        the job, not to the actor that made them) is removed first. None: each worker is placed
+        on its own."""
         self.config = config = config or PipelineConfig()
         check_tensor_parallel(config.target, config.target_tp)
         self.owns_ray = not ray.is_initialized()
@@ -258,7 +265,7 @@ class Pipeline:
             ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
                      log_to_driver=False)
         start = time.perf_counter()
-        self.pg = _packed_group(config) if pack else None
+        self.pg = _packed_group(config, pack) if pack else None
         opts: dict = {"num_cpus": 0, "max_concurrency": config.max_concurrency + 16}
         if self.pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)

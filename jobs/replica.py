@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,10 +51,12 @@ class Replica:
         self.config = PipelineConfig.model_validate(config)
         self.input, self.out, self.run = input, Path(output), run
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema))
-        self.pipe = Pipeline(self.config, pack=True)
+        actor = ray.get_runtime_context().get_actor_id()
+        self.pipe = Pipeline(self.config, pack=f"cdsl-replica-{actor}")
         self.tokenizer = Codec.load(self.config.target, "target").tokenizer  # task prompts use its chat template
-        self.name = ray.get_runtime_context().get_actor_id()[:8]
+        self.name = actor[:8]
         self.node = self.pipe.placement()["target"][0]["node_id"]
+        self.turn, self.active, self.isolating = threading.Condition(), 0, False
 
     def __call__(self, batch: dict) -> dict:
         summaries = [self.shard({k: v[i] for k, v in batch.items()}) for i in range(len(batch["shard"]))]
@@ -67,8 +72,12 @@ class Replica:
             return self._summary(method, index, meta.num_rows, 0, 0, start, fresh=False)
         tries = self._attempt(method, index)
         rows = read_shard(self.input, {k: int(shard[k]) for k in ("start", "stop", "offset", "line")})
-        one_by_one = tries["attempts"] > MAX_ATTEMPTS
-        out = self._one_by_one(method, rows, tries) if one_by_one else self._together(method, rows)
+        if tries["attempts"] > MAX_ATTEMPTS:
+            with self._alone():
+                out = self._one_by_one(method, rows, tries)
+        else:
+            with self._shared():
+                out = self._together(method, rows)
         table = to_table(sorted(out, key=lambda r: r["row"]), self.schema)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -77,6 +86,33 @@ class Replica:
         self._attempts_path(method, index).unlink(missing_ok=True)
         errors = sum(r["error"] is not None for r in out)
         return self._summary(method, index, len(out), errors, sum(r["tokens"] or 0 for r in out), start, fresh=True)
+
+    @contextmanager
+    def _shared(self) -> Iterator[None]:
+        """Shards run side by side unless one is being tried row by row."""
+        with self.turn:
+            self.turn.wait_for(lambda: not self.isolating)
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self.turn:
+                self.active -= 1
+                self.turn.notify_all()
+
+    @contextmanager
+    def _alone(self) -> Iterator[None]:
+        """Nothing else in flight, so a death while a row runs is that row's doing."""
+        with self.turn:
+            self.turn.wait_for(lambda: not self.isolating)
+            self.isolating = True
+            self.turn.wait_for(lambda: self.active == 0)
+        try:
+            yield
+        finally:
+            with self.turn:
+                self.isolating = False
+                self.turn.notify_all()
 
     def _summary(self, method: str, index: int, rows: int, errors: int, tokens: int, start: float,
                  fresh: bool) -> dict:
@@ -111,15 +147,20 @@ class Replica:
         return [s if isinstance(s, dict) else self._collect(method, row, *s) for row, s in sent]
 
     def _one_by_one(self, method: str, rows: list[dict], tries: dict) -> list[dict]:
+        tries["blamed"] = tries.get("blamed", []) + tries["started"]  # in flight when the replica died
+        tries["started"] = []
+        blamed = set(tries["blamed"])
         out = []
         for row in rows:
-            if row["row"] in tries["started"]:
+            if row["row"] in blamed:
                 out.append(self._row(method, row, error=f"row killed its replica ({MAX_ATTEMPTS + 1} tries); skipped"))
                 continue
-            tries["started"].append(row["row"])
+            tries["started"].append(row["row"])  # marked while it runs: if the replica dies now, it is to blame
             self._save_attempts(method, tries["shard"], tries)
             sent = self._submit(method, row)
             out.append(sent if isinstance(sent, dict) else self._collect(method, row, *sent))
+            tries["started"].remove(row["row"])
+            self._save_attempts(method, tries["shard"], tries)
         return out
 
     def _attempts_path(self, method: str, index: int) -> Path:

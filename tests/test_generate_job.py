@@ -64,14 +64,14 @@ def free_port() -> int:
 
 
 def rows_of(folder: Path) -> list[dict]:
-    keep = ("row", "id", "error", "text", "tokens", "coverage")
+    keep = ("row", "id", "error", "text", "tokens", "coverage", "replica")
     return sorted(({k: r[k] for k in keep} for r in pq.read_table(folder).to_pylist()), key=lambda r: r["row"])
 
 
 def test_ray_job_submit_stopped_midway_resumes_to_the_same_dataset(tmp_path, model_dirs):
     src = tmp_path / "in.jsonl"
     lines = [json.dumps({"id": f"r{i}", "concepts": c}) for i, c in
-             enumerate([["dog", "frisbee"], ["child", "river"], ["cook", "dinner"], ["cat", "sleep"]] * 6)]
+             enumerate([["dog", "frisbee"], ["child", "river"], ["cook", "dinner"], ["cat", "sleep"]] * 8)]
     lines[5] = json.dumps({"id": "r5", "concepts": []})  # a bad row: recorded, skipped
     src.write_text("\n".join(lines) + "\n")
     cfg = write_config(tmp_path / "cfg.yaml", model_dirs, method="cdlh", max_new_tokens=24, k=6, lookahead=6)
@@ -83,7 +83,7 @@ def test_ray_job_submit_stopped_midway_resumes_to_the_same_dataset(tmp_path, mod
     address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "out"
     job = [str(BIN / "python"), "-m", "jobs.generate", "--input", str(src), "--output", str(out), "--config", str(cfg),
-           "--shard-size", "4", "--concurrency", "1"]
+           "--batch-size", "4", "--replicas", "2", "--shards-per-replica", "1"]
     submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
               "--runtime-env-json", json.dumps({"excludes": [".git", ".venv", "runs", "*.png"]})]
     try:
@@ -97,23 +97,27 @@ def test_ray_job_submit_stopped_midway_resumes_to_the_same_dataset(tmp_path, mod
                        capture_output=True, timeout=120)
         time.sleep(3)  # let the stop land before counting
         written = len(list((out / "cdlh").glob("part-*.parquet")))
-        assert 1 <= written < 6  # stopped midway
+        assert 1 <= written < 8  # stopped midway
         second = subprocess.run([*submit, "--", *job], env=env, capture_output=True, text=True, timeout=600)
         logs = second.stdout + second.stderr
         assert second.returncode != 0, logs  # exit code says a row failed
-        assert "| cdlh | 24 | 1 |" in logs, logs
+        assert "| cdlh | 32 | 1 |" in logs, logs
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
     got = rows_of(out / "cdlh")
-    assert [r["row"] for r in got] == list(range(24))  # every row exactly once
+    assert [r["row"] for r in got] == list(range(32))  # every row exactly once
     assert got[5]["error"] and got[5]["text"] is None
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["methods"]["cdlh"]["errors"] == 1
+    assert len({r["replica"] for r in got}) >= 2  # answered by both replicas (of either run)
+    summary = json.loads((out / "summary.json").read_text())["methods"]["cdlh"]
+    assert summary["errors"] == 1
+    resumed = sum(r["rows"] for r in summary["replicas_this_run"].values())
+    assert resumed == 32 - 4 * written  # the second run computed only the shards the first did not write
     # the resumed dataset equals a clean run's
-    clean = run_job("--input", src, "--output", tmp_path / "clean", "--config", cfg, "--shard-size", "4",
+    clean = run_job("--input", src, "--output", tmp_path / "clean", "--config", cfg, "--batch-size", "4",
                     env={**os.environ, "RAY_ADDRESS": ""})
     assert clean.returncode == 1, clean.stderr
-    assert rows_of(tmp_path / "clean" / "cdlh") == got
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "replica"} for r in rows]  # noqa: E731
+    assert drop(rows_of(tmp_path / "clean" / "cdlh")) == drop(got)
 
 
 def test_parquet_input_columns_kept_in_output(tmp_path):
@@ -135,3 +139,50 @@ def test_parquet_input_columns_kept_in_output(tmp_path):
     assert table.column_names[:4] == ["row", "id", "concepts", "source"]
     got = table.to_pylist()
     assert got[0]["source"] == "x" and got[0]["coverage"] == 1.0 and got[1]["error"] == "concepts: empty"
+
+
+def test_shards_read_back_the_whole_input_in_order(tmp_path):
+    import pyarrow as pa
+
+    from jobs.rows import plan_input, read_shard
+
+    src = tmp_path / "in.jsonl"
+    items = [json.dumps({"concepts": ["dog", f"w{i}"], "n": i}) for i in range(11)]
+    items[4] = "{oops"
+    src.write_text("\n\n".join(items) + "\n")  # blank lines between rows are not rows
+    whole, _ = read_rows(src)
+    plan = plan_input(src, shard_size=3)
+    assert plan.rows == 11 and [(s["start"], s["stop"]) for s in plan.shards] == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert [r for s in plan.shards for r in read_shard(src, s)] == whole
+    assert whole[4]["_error"] == "line 9: invalid JSON (Expecting property name enclosed in double quotes)"
+    assert plan_input(src, shard_size=3, limit=5).rows == 5
+
+    pq_src = tmp_path / "in.parquet"
+    table = pa.table({"concepts": [["dog", f"w{i}"] for i in range(10)], "n": list(range(10))})
+    pq.write_table(table, pq_src, row_group_size=4)  # shards cut across row groups
+    plan = plan_input(pq_src, shard_size=3)
+    rows = [r for s in plan.shards for r in read_shard(pq_src, s)]
+    assert [r["n"] for r in rows] == list(range(10)) and [r["row"] for r in rows] == list(range(10))
+
+
+def test_bad_replicas_option_exits_2(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"concepts": ["dog"]}\n')
+    for bad in ("0", "3,2", "x", "1,2,3"):
+        res = run_job("--input", tmp_path / "in.jsonl", "--output", tmp_path / "out", "--replicas", bad)
+        assert res.returncode == 2 and "--replicas" in res.stderr, (bad, res.stderr)
+
+
+@pytest.mark.slow
+def test_a_row_that_kills_its_replica_is_recorded_and_the_job_finishes(tmp_path, model_dirs):
+    src = tmp_path / "in.jsonl"
+    concepts = [["dog", "frisbee"], ["child", "river"], ["cook", "poison"], ["cat", "sleep"]] * 2
+    src.write_text("".join(json.dumps({"id": f"r{i}", "concepts": c}) + "\n" for i, c in enumerate(concepts)))
+    cfg = write_config(tmp_path / "cfg.yaml", model_dirs)
+    env = {**os.environ, "RAY_ADDRESS": "", "CDSL_CHAOS_EXIT_ON_CONCEPT": "poison"}
+    res = run_job("--input", src, "--output", tmp_path / "out", "--config", cfg, "--batch-size", "4", env=env)
+    assert res.returncode == 1, res.stderr  # a row failed, the job did not
+    got = rows_of(tmp_path / "out" / "greedy")
+    assert [r["row"] for r in got] == list(range(8))
+    failed = [r["row"] for r in got if r["error"]]
+    assert failed == [2, 6] and "killed its replica" in got[2]["error"]
+    assert all(r["text"] for r in got if not r["error"])
