@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def rows_of(folder: Path) -> list[dict]:
 def test_ray_job_submit_stopped_midway_resumes_to_the_same_dataset(tmp_path, model_dirs):
     src = tmp_path / "in.jsonl"
     lines = [json.dumps({"id": f"r{i}", "concepts": c}) for i, c in
-             enumerate([["dog", "frisbee"], ["child", "river"], ["cook", "dinner"], ["cat", "sleep"]] * 8)]
+             enumerate([["dog", "frisbee"], ["child", "river"], ["cook", "dinner"], ["cat", "sleep"]] * 24)]
     lines[5] = json.dumps({"id": "r5", "concepts": []})  # a bad row: recorded, skipped
     src.write_text("\n".join(lines) + "\n")
     cfg = write_config(tmp_path / "cfg.yaml", model_dirs, method="cdlh", max_new_tokens=24, k=6, lookahead=6)
@@ -89,29 +90,37 @@ def test_ray_job_submit_stopped_midway_resumes_to_the_same_dataset(tmp_path, mod
     try:
         first = subprocess.run([*submit, "--no-wait", "--", *job], env=env, capture_output=True, text=True,
                                timeout=300, check=True)
-        job_id = next(w for w in first.stdout.split() if w.startswith("raysubmit_"))
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", first.stdout).group()  # the CLI may colour it
         deadline = time.monotonic() + 300
         while not list((out / "cdlh").glob("part-*.parquet")) and time.monotonic() < deadline:
             time.sleep(0.5)
-        subprocess.run([str(BIN / "ray"), "job", "stop", "--no-wait", "--address", address, job_id], env=env,
-                       capture_output=True, timeout=120)
-        time.sleep(3)  # let the stop land before counting
-        written = len(list((out / "cdlh").glob("part-*.parquet")))
-        assert 1 <= written < 8  # stopped midway
+        first_seen = len(list((out / "cdlh").glob("part-*.parquet")))
+        stop = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, job_id], env=env,
+                              capture_output=True, text=True, timeout=120)
+        at_stop = len(list((out / "cdlh").glob("part-*.parquet")))
+        before, stable = None, time.monotonic()
+        while time.monotonic() - stable < 3:  # the stopped job's replicas are gone once nothing new appears
+            now = {p: p.stat().st_mtime_ns for p in (out / "cdlh").glob("part-*.parquet")}
+            if now != before:
+                before, stable = now, time.monotonic()
+            time.sleep(0.5)
+        written = len(before)
+        assert 1 <= written < 24, (first_seen, at_stop, written, stop.stdout, stop.stderr)  # stopped midway
         second = subprocess.run([*submit, "--", *job], env=env, capture_output=True, text=True, timeout=600)
         logs = second.stdout + second.stderr
         assert second.returncode != 0, logs  # exit code says a row failed
-        assert "| cdlh | 32 | 1 |" in logs, logs
+        assert "| cdlh | 96 | 1 |" in logs, logs
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
     got = rows_of(out / "cdlh")
-    assert [r["row"] for r in got] == list(range(32))  # every row exactly once
+    assert [r["row"] for r in got] == list(range(96))  # every row exactly once
     assert got[5]["error"] and got[5]["text"] is None
     assert len({r["replica"] for r in got}) >= 2  # answered by both replicas (of either run)
     summary = json.loads((out / "summary.json").read_text())["methods"]["cdlh"]
     assert summary["errors"] == 1
     resumed = sum(r["rows"] for r in summary["replicas_this_run"].values())
-    assert resumed == 32 - 4 * written  # the second run computed only the shards the first did not write
+    assert resumed == 96 - 4 * written  # the second run computed only the shards the first did not write
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # and rewrote none
     # the resumed dataset equals a clean run's
     clean = run_job("--input", src, "--output", tmp_path / "clean", "--config", cfg, "--batch-size", "4",
                     env={**os.environ, "RAY_ADDRESS": ""})
