@@ -31,7 +31,7 @@ from tqdm import tqdm
 from actors.config import PipelineConfig
 from cdsl.config import DecodeConfig
 from jobs.cli import fail, validation_message
-from jobs.replica import Replica, shard_path
+from jobs.replica import REPLICA_GROUP, Replica, shard_path
 from jobs.rows import Plan, plan_input
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -75,38 +75,57 @@ def connect(config: PipelineConfig, replicas: int) -> None:
 
 def run_methods(plan: Plan, methods: list[str], config: PipelineConfig, out: Path, replicas: tuple[int, int],
                 shards_per_replica: int, run: str) -> dict[str, dict]:
-    """Generate every missing shard of every method (method by method) on one pool of replicas;
-    returns per method this run's tokens, wall time (first shard start to last shard end) and
-    figures per replica."""
-    todo = [s | {"method": m} for m in methods for s in plan.shards if not shard_path(out, m, s["shard"]).exists()]
-    runs: dict = {m: {"tokens": 0, "seconds": 0.0, "replicas": {}, "first": None, "last": 0.0} for m in methods}
-    if todo:
-        pool = ray.data.ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1],
-                                          max_concurrent_calls_per_actor=shards_per_replica)
-        args = {"config": config.model_dump(mode="json"), "input": plan.path, "output": str(out), "run": run,
-                "schema": plan.schema.serialize().to_pybytes()}
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            Replica, batch_size=1, compute=pool, num_cpus=0, fn_constructor_kwargs=args)
-        bar = tqdm(total=sum(s["stop"] - s["start"] for s in todo), desc=",".join(methods), unit="row",
-                   file=sys.stderr, mininterval=2, dynamic_ncols=False, ncols=100)
+    """Generate every missing shard of every method, one method after the other (so their wall
+    times compare), each on a pool of replicas; returns per method this run's tokens, wall time
+    (first shard start to last shard end) and figures per replica."""
+    return {m: _run_method(plan, m, config, out, replicas, shards_per_replica, run) for m in methods}
+
+
+def _run_method(plan: Plan, method: str, config: PipelineConfig, out: Path, replicas: tuple[int, int],
+                shards_per_replica: int, run: str) -> dict:
+    todo = [s | {"method": method} for s in plan.shards if not shard_path(out, method, s["shard"]).exists()]
+    result: dict = {"tokens": 0, "seconds": 0.0, "replicas": {}}
+    if not todo:
+        return result
+    pool = ray.data.ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1],
+                                      max_concurrent_calls_per_actor=shards_per_replica)
+    args = {"config": config.model_dump(mode="json"), "input": plan.path, "output": str(out), "run": run,
+            "schema": plan.schema.serialize().to_pybytes()}
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+        Replica, batch_size=1, compute=pool, num_cpus=0, fn_constructor_kwargs=args)
+    bar = tqdm(total=sum(s["stop"] - s["start"] for s in todo), desc=method, unit="row", file=sys.stderr,
+               mininterval=2, dynamic_ncols=False, ncols=100)
+    first, last = float("inf"), 0.0
+    try:
         for s in ds.iter_rows():
             bar.update(int(s["rows"]))
             start, end, tokens = float(s["start"]), float(s["end"]), int(s["tokens"])
-            m = runs[str(s["method"])]
-            m["tokens"] += tokens
-            m["first"], m["last"] = min(m["first"] or start, start), max(m["last"], end)
-            r = m["replicas"].setdefault(str(s["replica"]), {"node": str(s["node"]), "rows": 0, "tokens": 0,
-                                                              "first": start, "last": 0.0})
+            first, last = min(first, start), max(last, end)
+            result["tokens"] += tokens
+            r = result["replicas"].setdefault(str(s["replica"]), {"node": str(s["node"]), "rows": 0, "tokens": 0,
+                                                                   "first": start, "last": 0.0})
             r["rows"] += int(s["rows"])
             r["tokens"] += tokens
             r["first"], r["last"] = min(r["first"], start), max(r["last"], end)
+    finally:
         bar.close()
-    for m in runs.values():
-        m["seconds"] = m.pop("last") - (m.pop("first") or 0.0) if m["tokens"] else 0.0
-        for r in m["replicas"].values():
-            r["seconds"] = r.pop("last") - r.pop("first")
-            r["tokens_per_s"] = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
-    return runs
+        release_replica_groups(run)
+    result["seconds"] = max(last - first, 0.0)
+    for r in result["replicas"].values():
+        r["seconds"] = r.pop("last") - r.pop("first")
+        r["tokens_per_s"] = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
+    return result
+
+
+def release_replica_groups(run: str) -> None:
+    """Ray scopes a placement group to the job, not to the actor that made it, so the groups of a
+    finished pool's replicas would hold their GPUs until the job ends; free this run's."""
+    for pg in ray.util.placement_group_table().values():
+        if (pg.get("name") or "").startswith(f"{REPLICA_GROUP}{run}-") and pg.get("state") != "REMOVED":
+            try:
+                ray.util.remove_placement_group(ray.util.get_placement_group(pg["name"]))
+            except ValueError:  # removed meanwhile
+                pass
 
 
 SUMMED = ("tokens", "time_s", "S1", "S2", "S3", "S4")

@@ -34,6 +34,8 @@ from jobs.rows import check_row, output_row, read_shard, to_table
 
 MAX_ATTEMPTS = 2
 """Replica deaths a shard may cause before its rows are tried one at a time."""
+REPLICA_GROUP = "cdsl-replica-"
+"""Name prefix of a replica's placement group; the job run's id and the actor's follow."""
 CHAOS_ENV = "CDSL_CHAOS_EXIT_ON_CONCEPT"
 """Fault injection for tests: a replica that meets a row with this concept exits at once, as one
 whose row crashes it would."""
@@ -52,7 +54,7 @@ class Replica:
         self.input, self.out, self.run = input, Path(output), run
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema))
         actor = ray.get_runtime_context().get_actor_id()
-        self.pipe = Pipeline(self.config, pack=f"cdsl-replica-{actor}")
+        self.pipe = Pipeline(self.config, pack=f"{REPLICA_GROUP}{run}-{actor}")
         self.tokenizer = Codec.load(self.config.target, "target").tokenizer  # task prompts use its chat template
         self.name = actor[:8]
         self.node = self.pipe.placement()["target"][0]["node_id"]
