@@ -44,9 +44,9 @@ def test_rows_checked_with_field_and_limit(tmp_path):
             check_row(row)
 
 
-def run_job(*args, env=None, **kw) -> subprocess.CompletedProcess:
+def run_job(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "python"), "-m", "jobs.generate", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, **kw)
+                          capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def test_fails_fast_on_missing_input_or_config(tmp_path):
@@ -195,3 +195,18 @@ def test_a_row_that_kills_its_replica_is_recorded_and_the_job_finishes(tmp_path,
     failed = [r["row"] for r in got if r["error"]]
     assert failed == [2, 6] and "killed its replica" in got[2]["error"]
     assert all(r["text"] for r in got if not r["error"])
+
+
+@pytest.mark.slow
+def test_each_method_gets_a_pool_after_the_last_one_freed_its_resources(tmp_path, model_dirs):
+    """A local Ray sized for one replica: the second method's pool can only start if the first
+    pool's placement groups were released."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"concepts": ["dog", f"w{i}"]}) + "\n" for i in range(6)))
+    cfg = write_config(tmp_path / "cfg.yaml", model_dirs)
+    res = run_job("--input", src, "--output", tmp_path / "out", "--config", cfg, "--method", "greedy,cdsl",
+                  "--batch-size", "3", env={**os.environ, "RAY_ADDRESS": ""}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]
+    assert [summary[m]["rows"] for m in ("greedy", "cdsl")] == [6, 6]
+    assert set(summary["greedy"]["replicas_this_run"]).isdisjoint(summary["cdsl"]["replicas_this_run"])
