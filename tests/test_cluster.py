@@ -81,6 +81,15 @@ def test_kuberay_manifests_have_the_fields_kuberay_requires(manifest):
         assert all(isinstance(v, str) for v in group["rayStartParams"].values())  # KubeRay wants strings
     for group in cluster["workerGroupSpecs"]:
         assert group["groupName"] and 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for group in [head, *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container.get("env", [])}
+        assert secrets == {"CDSL_API_KEY": "api-key", "HF_TOKEN": "hf-token"}, group  # auth on every replica
+        if container["resources"]["limits"].get("nvidia.com/gpu"):
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}, group  # NCCL's shared memory
     if doc["kind"] == "RayService":
         serve_config = yaml.safe_load(spec["serveConfigV2"])
         ServeDeploySchema.model_validate(serve_config)
