@@ -28,6 +28,7 @@ def test_reductions_to_greedy(pairs, family, prompt):
         same = run(pair, "cdsl", prompt, draft_len=d, tau_accept=1.0, tau_reward=0.0)
         assert same.token_ids == ref.token_ids
         assert same.stats.states["S2"] == same.stats.states["S4"] == 0
+        assert run(pair, "cdsl", prompt, draft_len=d, gain_share=0.0).token_ids == ref.token_ids
     for method in ("cdlh", "cdlh-appx"):
         assert run(pair, method, prompt, k=1, lookahead=3).token_ids == ref.token_ids
 
