@@ -113,9 +113,13 @@ class OpenAIServer:
                 raise ApiError(400, f"body: malformed JSON ({err})", "body") from None
             body = parse(ChatRequest if chat else CompletionRequest, data)
             request = to_request(body, self.config, self.codec, self.has_draft)
+            prompt_tokens = len(self.codec.prompt_ids(request.prompt))
+            try:
+                self.codec.check_fits(prompt_tokens, request.config.max_new_tokens, "max_tokens")
+            except ValueError as err:
+                raise ApiError(400, str(err), "messages" if chat else "prompt") from None
         except ApiError as err:
             return JSONResponse(err.body(), status_code=err.status)
-        prompt_tokens = len(self.codec.encode(request.prompt))
         if body.stream:
             return StreamingResponse(self._events(request, chat, prompt_tokens), media_type="text/event-stream")
         start = time.perf_counter()

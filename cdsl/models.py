@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import cdsl.draft_model  # noqa: F401  (registers the default draft's architecture)
 from cdsl import pretrained
@@ -63,25 +63,55 @@ def eos_ids(tokenizer, folder: str | None = None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def context_window(model_config) -> int | None:
+    """Positions the model can attend over, from its config (None where it does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class Codec:
     """Text <-> token ids with one tokenizer."""
 
-    def __init__(self, tokenizer, eos: list[int] | None = None) -> None:
+    def __init__(self, tokenizer, eos: list[int] | None = None, window: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.eos_ids: list[int] = eos if eos is not None else eos_ids(tokenizer)
         """Token ids that end generation; the first is the one written where an EOS is needed."""
         self.eos_id: int | None = self.eos_ids[0] if self.eos_ids else None
+        self.window = window
+        """The model's context window in tokens (prompt + output), None if unknown."""
 
     @classmethod
     def load(cls, config: ModelConfig | str, role: str = "model") -> Codec:
         cfg = config if isinstance(config, ModelConfig) else ModelConfig(path=config)
         folder = resolve(cfg.path, role)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
-        return cls(tokenizer, eos_ids(tokenizer, folder))
+        try:
+            window = context_window(AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code))
+        except (OSError, ValueError):  # a tokenizer-only folder: no config to read
+            window = None
+        return cls(tokenizer, eos_ids(tokenizer, folder), window)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids a generation starts from: BOS first where the tokenizer asks for one (and the
+        prompt, e.g. from a chat template, does not already start with it)."""
+        ids = self.encode(prompt)
+        bos = self.tokenizer.bos_token_id
+        if getattr(self.tokenizer, "add_bos_token", False) and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids or [self.eos_id]
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int, budget_field: str = "max_new_tokens") -> None:
+        """ValueError naming the prompt and the limit in tokens if prompt + output cannot fit."""
+        if self.window is not None and prompt_tokens + max_new_tokens > self.window:
+            raise ValueError(f"prompt: {prompt_tokens} tokens + {budget_field} {max_new_tokens} exceed the model's "
+                             f"context window of {self.window} tokens")
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -91,7 +121,7 @@ class LM(Codec):
     """A causal LM and its tokenizer."""
 
     def __init__(self, model, tokenizer, name: str = "model", eos: list[int] | None = None) -> None:
-        super().__init__(tokenizer, eos)
+        super().__init__(tokenizer, eos, context_window(model.config))
         self.model = model.eval()
         self.name = name
         self.device = next(model.parameters()).device

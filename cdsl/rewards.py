@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Literal, Protocol, runtime_checkable
 
 from lemminflect import getAllInflections, getAllInflectionsOOV, getAllLemmas
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 PROGRESS_MODES = ("fraction", "coverable", "pace")
@@ -200,6 +200,16 @@ class RewardSpec(BaseModel):
     """How coverage judges unfinished text (see `Coverage`)."""
     combine: Literal["mean", "all"] = "mean"
     """How several constraints combine: weighted mean, or the weakest one."""
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression ({err})") from None
+        return pattern
 
     @property
     def monotone(self) -> bool:

@@ -98,6 +98,11 @@ def generate(
             prompt = commongen_prompt(concept_list, Codec.load(target_cfg, "target").tokenizer)
         except (OSError, ValueError) as err:
             fail(str(err))
+    try:
+        codec = Codec.load(target_cfg, "target")
+        codec.check_fits(len(codec.prompt_ids(prompt)), config.max_new_tokens)
+    except (OSError, ValueError) as err:
+        fail(str(err))
     has_constraint = bool(concept_list or split or regex or reward_model)
     if config.method in NEEDS_REWARD and not has_constraint:
         fail(f"method {config.method!r} needs a constraint: --concepts, --keywords, --regex or --reward-model")

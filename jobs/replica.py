@@ -55,7 +55,7 @@ class Replica:
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema))
         actor = ray.get_runtime_context().get_actor_id()
         self.pipe = Pipeline(self.config, pack=f"{REPLICA_GROUP}{run}-{actor}")
-        self.tokenizer = Codec.load(self.config.target, "target").tokenizer  # task prompts use its chat template
+        self.codec = Codec.load(self.config.target, "target")  # task prompts use its chat template
         self.name = actor[:8]
         self.node = self.pipe.placement()["target"][0]["node_id"]
         self.turn, self.active, self.isolating = threading.Condition(), 0, False
@@ -128,13 +128,14 @@ class Replica:
 
     def _submit(self, method: str, row: dict):
         """The row's checked request sent to the coordinator, or its output row if the check failed."""
+        decode = self.config.decode.model_copy(update={"method": method})
         try:
-            prompt, spec = check_row(row, self.tokenizer)
+            prompt, spec = check_row(row, self.codec.tokenizer)
+            self.codec.check_fits(len(self.codec.prompt_ids(prompt)), decode.max_new_tokens)
         except ValueError as err:
             return self._row(method, row, error=str(err))
         if os.environ.get(CHAOS_ENV) in spec.concepts:
             os._exit(1)
-        decode = self.config.decode.model_copy(update={"method": method})
         return self.pipe.coordinator.generate.remote(Request(prompt, decode, spec, id=f"{method}-{row['row']}")), spec
 
     def _collect(self, method: str, row: dict, ref, spec) -> dict:

@@ -43,11 +43,11 @@ def make_model(family: str, vocab: int, eos: int, seed: int, hidden: int = 32, l
     # a wide init makes logits peaky, so argmax ties (which float noise could flip) do not occur
     common = dict(vocab_size=vocab, eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, initializer_range=0.5)
     if family == "gpt2":
-        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=1024, **common)
         return GPT2LMHeadModel(cfg)
     cls_cfg, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
     cfg = cls_cfg(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, **common)
+                  num_key_value_heads=2, max_position_embeddings=1024, **common)
     return cls(cfg)
 
 

@@ -42,6 +42,10 @@ def test_bad_options_name_the_field(model_dirs):
     assert res.exit_code == 2 and "needs a constraint" in res.output
     res = runner.invoke(app, ["generate", "--concepts", "dog", "--target", "/no/such/model"])
     assert res.exit_code == 2 and "model folder not found" in res.output
+    res = invoke(model_dirs, "--concepts", "dog", "--prompt", "dog " * 20000)  # was: exit 0, empty text
+    assert res.exit_code == 2 and "exceed the model's context window of 1024 tokens" in res.output, res.output
+    res = invoke(model_dirs, "--concepts", "dog", "--regex", "([a")
+    assert res.exit_code == 2 and "regex" in res.output and "not a valid regular expression" in res.output
 
 
 def test_backend_ray_gives_the_local_answer(model_dirs):

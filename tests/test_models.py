@@ -2,7 +2,7 @@ import pytest
 
 from cdsl.config import DecodeConfig, ModelConfig
 from cdsl.generate import generate, load_pair
-from cdsl.models import LM, VocabularyMismatch
+from cdsl.models import LM, Codec, VocabularyMismatch
 
 from .conftest import make_model, make_tokenizer
 
@@ -52,3 +52,20 @@ def test_crop_and_rollout_keep_cache_consistent(pairs):
     fresh = Decoder(target, ids + [5, 10], Stats(), "target").next_logits()
     assert torch.allclose(dec.next_logits(), fresh, atol=1e-9)
     assert dec.ids == ids + [5, 10]
+
+
+def test_prompt_ids_add_bos_where_the_tokenizer_asks_and_long_prompts_are_refused(model_dirs):
+    target = LM.load(ModelConfig(path=str(model_dirs["llama-target"])))
+    assert target.window == 1024
+    plain = target.prompt_ids("The dog")
+    assert plain == target.encode("The dog")  # this tokenizer asks for no BOS
+    codec = Codec(target.tokenizer, window=target.window)
+    codec.tokenizer.add_bos_token = True
+    try:
+        bos = codec.tokenizer.bos_token_id
+        assert codec.prompt_ids("The dog") == [bos, *plain]
+        assert codec.prompt_ids(codec.tokenizer.bos_token + "The dog")[:2] != [bos, bos]  # not twice
+    finally:
+        codec.tokenizer.add_bos_token = False
+    with pytest.raises(ValueError, match="exceed the model's context window of 1024 tokens"):
+        generate("dog " * 2000, target, config=DecodeConfig(method="greedy", max_new_tokens=4))

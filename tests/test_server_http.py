@@ -58,8 +58,8 @@ def tiny_codec() -> Codec:
     return Codec.load(str(folder))
 
 
-def client_for(backend: FakeBackend, **config) -> TestClient:
-    server = OpenAIServer(ServerConfig(**config), backend, tiny_codec(), has_draft=True)
+def client_for(backend: FakeBackend, codec: Codec | None = None, **config) -> TestClient:
+    server = OpenAIServer(ServerConfig(**config), backend, codec or tiny_codec(), has_draft=True)
     app = FastAPI()
 
     @app.post("/v1/completions")
@@ -105,6 +105,21 @@ def test_the_request_the_engine_gets():
 def test_engine_failures_become_json_errors(error, status):
     resp = client_for(FakeBackend(error)).post("/v1/completions", json=BODY)
     assert resp.status_code == status and resp.json()["object"] == "error"
+
+
+def test_what_cannot_run_is_refused_at_the_door():
+    """A prompt the model cannot hold and a regex that does not compile are 400s naming the
+    field, and never reach the engine (they used to fail inside it, or answer empty text)."""
+    backend = FakeBackend()
+    client = client_for(backend, Codec(tiny_codec().tokenizer, window=64))
+    resp = client.post("/v1/completions", json={**BODY, "prompt": "dog " * 100})
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and error["param"] == "prompt"
+    assert "+ max_tokens 8 exceed the model's context window of 64 tokens" in error["message"]
+    resp = client.post("/v1/completions", json={**BODY, "prompt": "Say hi", "constraints": {"regex": "([a"}})
+    assert resp.status_code == 400 and "regex" in resp.json()["error"]["message"]
+    assert backend.seen == []
+    assert client.post("/v1/completions", json=BODY).status_code == 200
 
 
 def test_a_stream_that_fails_reports_it_in_band():

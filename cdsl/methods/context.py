@@ -42,7 +42,8 @@ class Context:
         self.stats = stats or Stats()
         self.pick = Picker(config.temperature, config.seed)
         self.lm = codec or target
-        ids = self.lm.encode(prompt) or [self.lm.eos_id]
+        ids = self.lm.prompt_ids(prompt)
+        self.lm.check_fits(len(ids) + len(out), config.max_new_tokens - len(out))
         self.n_prompt = len(ids)
         self.out: list[int] = list(out)
         self.target = Decoder(target, ids + self.out, self.stats, "target", key)
