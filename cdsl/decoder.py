@@ -91,13 +91,16 @@ class Decoder:
         setattr(self.stats, f"{self.role}_calls", getattr(self.stats, f"{self.role}_calls") + 1)
         return logits
 
-    def step(self, new: list[int] = ()) -> torch.Tensor:
-        """Append `new`, run every uncached token; logits [T, V] for the positions fed."""
+    def step(self, new: list[int] = (), last_only: bool = False) -> torch.Tensor:
+        """Append `new`, run every uncached token; logits [T, V] for the positions fed ([1, V],
+        the last, with `last_only`: a prefill then returns one row, not one per prompt token)."""
         self.ids.extend(new)
         fed = self.ids[self.n_cached:]
         if not fed:
             return self.logits[None]
-        logits = self._run(self.key, [fed], self.n_cached)[0]
+        logits = self._run(self.key, [fed], self.n_cached, last_only=last_only)[0]
+        if last_only:
+            logits = logits[None]
         self.n_cached = len(self.ids)
         self.logits = logits[-1]
         return logits
@@ -112,7 +115,7 @@ class Decoder:
 
     def next_logits(self) -> torch.Tensor:
         """Logits [V] for the token after `ids`."""
-        return self.step()[-1]
+        return self.step(last_only=True)[-1]
 
     def truncate(self, length: int, logits: torch.Tensor | None = None) -> None:
         """Keep the first `length` tokens (the cache is cropped by the next call). `logits`, the

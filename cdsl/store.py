@@ -10,6 +10,7 @@ position ids keep each row's own positions, so every row computes what it would 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +87,8 @@ class SeqStore:
     def __init__(self, lm: LM) -> None:
         self.lm = lm
         self.caches: dict[str, KV | None] = {}
+        self.keeps_logits = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
+        """Whether the model can skip the logits of positions nobody reads."""
 
     def _prepare(self, run: Run) -> KV | None:
         for dst, src, row in run.moves:
@@ -146,6 +149,9 @@ class SeqStore:
         extra = {}
         if bool((mask == 0).any()):  # padding to hide; without it the model's own causal path is faster
             extra = {"attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
+        last = all(r.last_only for r in runs) and min(widths) == width and self.keeps_logits
+        if last:  # only the last position's logits are wanted: skip the [rows, T, V] projection
+            extra["logits_to_keep"] = 1
         out = self.lm.model(input_ids=ids.to(dev), past_key_values=cache, use_cache=True, **extra)
         logits = out.logits[..., : self.lm.vocab_size].float().cpu()
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
@@ -154,7 +160,7 @@ class SeqStore:
             block = slice(start, start + n)
             self.caches[r.key] = [(k[block, :, past - p:past + w], v[block, :, past - p:past + w])
                                   for k, v in layers]
-            results.append(logits[block, w - 1] if r.last_only else logits[block, :w])
+            results.append(logits[block, -1] if last else logits[block, w - 1] if r.last_only else logits[block, :w])
             start += n
         return results
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from cdsl.config import DecodeConfig, ModelConfig
 from cdsl.generate import generate, load_pair
@@ -69,3 +70,27 @@ def test_prompt_ids_add_bos_where_the_tokenizer_asks_and_long_prompts_are_refuse
         codec.tokenizer.add_bos_token = False
     with pytest.raises(ValueError, match="exceed the model's context window of 1024 tokens"):
         generate("dog " * 2000, target, config=DecodeConfig(method="greedy", max_new_tokens=4))
+
+
+def test_a_prefill_returns_one_row_of_logits_not_one_per_prompt_token(pairs):
+    """Only the last position's logits leave the model on a prefill (they cross Ray's object
+    store on a cluster: [T, V] floats per prompt otherwise), and they are the same logits."""
+    from cdsl.decoder import Decoder, LocalRunner
+    from cdsl.stats import Stats
+    from cdsl.store import Run, SeqStore
+
+    target, _ = pairs["llama"]
+    returned = []
+
+    class Spy(LocalRunner):
+        def run(self, call):
+            out = super().run(call)
+            returned.append(tuple(out.shape))
+            return out
+
+    ids = target.encode("The dog throws a frisbee and the child catches it in the park.")
+    dec = Decoder(Spy(SeqStore(target)), ids, Stats(), "target")
+    last = dec.next_logits()
+    assert returned == [(1, target.vocab_size)] and len(ids) > 10
+    full = LocalRunner(SeqStore(target)).run(Run("x", [ids], 0))
+    assert torch.allclose(last, full[0, -1], atol=1e-9)
