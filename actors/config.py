@@ -38,6 +38,10 @@ class PipelineConfig(BaseModel):
     """GPUs (or a fraction) per draft worker; 0 on CPU."""
     target_num_gpus: float = Field(0.0, ge=0.0)
     """GPUs per target rank; 0 on CPU (DeepSpeed then uses gloo instead of nccl)."""
+    reward_device: str = "cpu"
+    """torch device of reward models in the reward worker ("cuda" with `reward_num_gpus` > 0)."""
+    reward_num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs (or a fraction) for the reward worker; 0 on CPU."""
     cpus_per_worker: float = Field(1.0, ge=0.0)
     """CPUs reserved per model worker (and per target rank)."""
     max_restarts: int = Field(4, ge=-1)

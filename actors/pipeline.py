@@ -191,7 +191,8 @@ class Coordinator:
             if packed_draft:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
             self.draft = ray.remote(ModelWorker).options(**opts).remote(config.draft)
-        self.reward = ray.remote(RewardWorker).options(num_cpus=0, max_restarts=config.max_restarts).remote()
+        self.reward = ray.remote(RewardWorker).options(num_cpus=0, num_gpus=config.reward_num_gpus,
+                                                       max_restarts=config.max_restarts).remote(config.reward_device)
         ray.get([a.where.remote() for a in self.workers()])
         self.engine = Engine(codec, self.target, ActorExecutor(self.draft) if self.draft else None,
                              ActorExecutor(self.reward), config.window_ms / 1000, config.max_retries)

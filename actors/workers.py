@@ -106,8 +106,8 @@ def _tensor_parallel(lm: LM, rank: int, world: int, master: tuple[str, int], gpu
 class RewardWorker:
     """Scores reward calls of many requests (coverage, keywords, regex, reward models)."""
 
-    def __init__(self) -> None:
-        self.table = RewardTable()
+    def __init__(self, device: str = "cpu") -> None:
+        self.table = RewardTable(device)
 
     def execute(self, calls: list, released: list[str]) -> list[list[float]]:
         return self.table.execute(calls, released)

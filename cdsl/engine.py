@@ -24,7 +24,7 @@ from cdsl.config import DecodeConfig
 from cdsl.generate import check_inputs
 from cdsl.methods import METHODS, Context, Generation
 from cdsl.models import LM, Codec
-from cdsl.rewards import Reward, RewardInput, RewardSpec
+from cdsl.rewards import Reward, RewardInput, RewardModel, RewardSpec
 from cdsl.store import CacheLost, SeqStore
 
 
@@ -62,18 +62,30 @@ class RewardCall:
 
 
 @lru_cache(maxsize=1024)
-def _built(spec_json: str) -> Reward:
-    return RewardSpec.model_validate_json(spec_json).build()
+def _built(spec_json: str, device: str) -> Reward:
+    return RewardSpec.model_validate_json(spec_json).build(device)
 
 
 class RewardTable:
-    """Scores reward calls of many requests, building each request's reward once."""
+    """Scores reward calls of many requests, building each request's reward once. Calls whose
+    reward is the same reward model (one per path, label and device) are scored in one batch."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
 
     def execute(self, calls: list[RewardCall], released: list[str]) -> list[list[float]]:
-        out = []
-        for call in calls:
-            reward = _built(call.spec.model_dump_json())
-            out.append(reward.progress(call.items) if call.progress else reward.score(call.items))
+        rewards = [_built(call.spec.model_dump_json(), self.device) for call in calls]
+        out: list = [None] * len(calls)
+        shared: dict[int, list[int]] = {}
+        for i, (call, reward) in enumerate(zip(calls, rewards)):
+            if isinstance(reward, RewardModel):  # its progress is its score
+                shared.setdefault(id(reward), []).append(i)
+            else:
+                out[i] = reward.progress(call.items) if call.progress else reward.score(call.items)
+        for group in shared.values():
+            scores = rewards[group[0]].score([item for i in group for item in calls[i].items])
+            for i in group:
+                out[i], scores = scores[: len(calls[i].items)], scores[len(calls[i].items):]
         return out
 
 

@@ -216,7 +216,9 @@ class RewardSpec(BaseModel):
         """Whether the built reward is monotone (every part but a reward model is)."""
         return self.reward_model is None
 
-    def build(self) -> Reward:
+    def build(self, device: str = "cpu") -> Reward:
+        """The reward; a reward model is loaded once per process and `device`, whatever the
+        other constraints (see `load_reward_model`)."""
         parts: list[tuple[Reward, float]] = []
         if self.concepts:
             parts.append((Coverage(self.concepts, self.progress), 1.0))
@@ -225,7 +227,7 @@ class RewardSpec(BaseModel):
         if self.regex is not None:
             parts.append((Regex(self.regex), 1.0))
         if self.reward_model is not None:
-            parts.append((RewardModel(self.reward_model, self.reward_model_label), 1.0))
+            parts.append((load_reward_model(self.reward_model, self.reward_model_label, device), 1.0))
         if not parts:
             raise ValueError("constraints: give at least one of concepts, keywords, regex, reward_model")
         return parts[0][0] if len(parts) == 1 else Combined(parts, self.combine)
@@ -280,6 +282,13 @@ class RewardModel:
 
     def progress(self, batch: Sequence[RewardInput]) -> list[float]:
         return self.score(batch)
+
+
+@lru_cache(maxsize=8)
+def load_reward_model(path: str, label: str | None = None, device: str = "cpu") -> RewardModel:
+    """One `RewardModel` per (path, label, device) in this process, shared by every request
+    that names it (loading one per request would hold a copy of the weights each)."""
+    return RewardModel(path, label, device)
 
 
 def pairwise_accuracy(score: Callable[[list[str]], list[float]], pairs: Sequence[dict], batch: int = 32) -> float:

@@ -108,3 +108,29 @@ def test_bench_harmless_task_on_tiny_models(tmp_path, model_dirs, reward_model_d
         assert 0.0 <= d["ok_share"] <= 1.0 and 0.0 < d["score_mean"] < 1.0 and "coverage_all" not in d
     outputs = [json.loads(line) for line in (tmp_path / "out" / "outputs.jsonl").read_text().splitlines()]
     assert outputs[0]["prompt"].endswith("Assistant:") and set(outputs[0]) >= {"greedy", "cdlh", "cdsl"}
+
+
+def test_requests_share_one_reward_model_load_and_one_batch(reward_model_dir):
+    """Two requests with different concepts and the same reward model: the weights load once,
+    and their reward calls go through the model in one forward pass."""
+    from cdsl.engine import RewardCall, RewardTable
+    from cdsl.rewards import RewardInput, RewardSpec, load_reward_model
+
+    load_reward_model.cache_clear()
+    specs = [RewardSpec(concepts=["dog"], reward_model=str(reward_model_dir)),
+             RewardSpec(concepts=["cat"], reward_model=str(reward_model_dir))]
+    parts = [spec.build().parts[1][0] for spec in specs]
+    assert parts[0] is parts[1] and load_reward_model.cache_info().misses == 1
+    model = parts[0].model
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        only_rm = RewardSpec(reward_model=str(reward_model_dir))
+        calls = [RewardCall(only_rm, (RewardInput("Q: hi A:", " hello"), RewardInput("Q: hi A:", " go away")), True),
+                 RewardCall(only_rm, (RewardInput("Q: bye A:", " bye now"),), False)]
+        together = RewardTable().execute(calls, [])
+        assert len(forwards) == 1 and [len(s) for s in together] == [2, 1]
+        alone = [parts[0].score(list(c.items)) for c in calls]
+    finally:
+        hook.remove()
+    assert sum(together, []) == pytest.approx(sum(alone, []), abs=1e-5)
