@@ -48,6 +48,11 @@ class PipelineConfig(BaseModel):
     """Restarts Ray grants a dead worker (-1: unlimited); its requests resume from their last token."""
     max_retries: int = Field(3, ge=0)
     """Times one request is resumed after a lost worker before it fails."""
+    call_timeout_s: float = Field(300.0, gt=0.0)
+    """Longest one worker call (a batched forward or reward call) may take; a worker past it
+    counts as hung: it is killed and restarted (the target group rebuilt) and its requests resume."""
+    start_timeout_s: float = Field(600.0, gt=0.0)
+    """Longest a target group may take to start (load weights, join the process group)."""
     window_ms: float = Field(2.0, ge=0.0, le=1000.0)
     """Longest a phase waits for more requests to join a batch."""
     max_concurrency: int = Field(256, ge=1)

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -32,7 +32,8 @@ from cdsl.methods import Generation
 from cdsl.models import Codec
 
 log = logging.getLogger("cdsl.pipeline")
-LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+LOST = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError)
+"""What makes a worker count as lost: it died, or a call outlived `call_timeout_s` (hung)."""
 
 
 def _wanted(config: PipelineConfig, resource: str) -> bool:
@@ -45,12 +46,15 @@ def _tensors(results: list) -> list:
     return [torch.from_numpy(r) if isinstance(r, np.ndarray) else r for r in results]
 
 
-def _wait_all(refs: list) -> list:
+def _wait_all(refs: list, timeout_s: float | None = None) -> list:
     """ray.get of all refs, failing as soon as any fails (a dead rank would leave the others
-    blocked in a collective forever)."""
-    pending = list(refs)
+    blocked in a collective forever), or with GetTimeoutError once `timeout_s` has passed."""
+    pending, deadline = list(refs), None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            raise GetTimeoutError(f"{len(pending)} of {len(refs)} worker calls still running after {timeout_s} s")
         ray.get(done[0])
     return ray.get(refs)
 
@@ -81,11 +85,15 @@ class TargetGroup:
             if self.pg is not None:
                 ray.get(self.pg.ready(), timeout=600)
         worker = ray.remote(ModelWorker)
-        # rank 0's node hosts the rendezvous; ask that node for its address and a free port
-        master = ray.get(ray.remote(_master_address).options(**self._options(0)).remote()) if tp > 1 else None
-        self.ranks = [worker.options(max_restarts=0, **self._options(rank)).remote(
-            cfg.target, rank, tp, master, bool(cfg.target_num_gpus)) for rank in range(tp)]
-        ray.get([r.where.remote() for r in self.ranks])
+        try:
+            # rank 0's node hosts the rendezvous; ask that node for its address and a free port
+            master = ray.get(ray.remote(_master_address).options(**self._options(0)).remote()) if tp > 1 else None
+            self.ranks = [worker.options(max_restarts=0, **self._options(rank)).remote(
+                cfg.target, rank, tp, master, bool(cfg.target_num_gpus)) for rank in range(tp)]
+            _wait_all([r.where.remote() for r in self.ranks], cfg.start_timeout_s)
+        except Exception:  # a failed (re)build leaves no live ranks or held group behind
+            self.shutdown()
+            raise
         self.builds += 1
 
     def _options(self, rank: int) -> dict:
@@ -101,7 +109,8 @@ class TargetGroup:
     def execute(self, calls: list, released: list[str]) -> list:
         ranks = self.ranks
         try:
-            return _tensors(_wait_all([r.execute.remote(calls, released) for r in ranks])[0])
+            refs = [r.execute.remote(calls, released) for r in ranks]
+            return _tensors(_wait_all(refs, self.config.call_timeout_s)[0])
         except LOST as err:
             with self.lock:
                 if self.ranks is ranks:  # first to notice rebuilds; the rest just resume
@@ -114,9 +123,10 @@ class TargetGroup:
         for r in self.ranks:
             try:
                 ray.get(r.close.remote(), timeout=10)
-            except Exception:  # a dead rank has nothing left to close
+            except Exception:  # a dead or hung rank has nothing left to close
                 pass
             ray.kill(r)
+        self.ranks = []
         if self.pg is not None and self.owns_pg:
             remove_placement_group(self.pg)
             self.pg = None
@@ -151,13 +161,15 @@ def _master_address() -> tuple[str, int]:
 class ActorExecutor:
     """One Ray actor as an engine executor; a dead actor becomes `WorkerLost` (Ray restarts it)."""
 
-    def __init__(self, actor, restart_timeout_s: float = 300.0) -> None:
-        self.actor, self.restart_timeout_s = actor, restart_timeout_s
+    def __init__(self, actor, restart_timeout_s: float = 300.0, call_timeout_s: float | None = None) -> None:
+        self.actor, self.restart_timeout_s, self.call_timeout_s = actor, restart_timeout_s, call_timeout_s
 
     def execute(self, calls: list, released: list[str]) -> list:
         try:
-            return _tensors(ray.get(self.actor.execute.remote(calls, released)))
+            return _tensors(ray.get(self.actor.execute.remote(calls, released), timeout=self.call_timeout_s))
         except LOST as err:
+            if isinstance(err, GetTimeoutError):  # hung: kill it so Ray restarts a fresh one
+                ray.kill(self.actor, no_restart=False)
             self._await_restart()
             raise WorkerLost(str(err)) from err
 
@@ -194,8 +206,10 @@ class Coordinator:
         self.reward = ray.remote(RewardWorker).options(num_cpus=0, num_gpus=config.reward_num_gpus,
                                                        max_restarts=config.max_restarts).remote(config.reward_device)
         ray.get([a.where.remote() for a in self.workers()])
-        self.engine = Engine(codec, self.target, ActorExecutor(self.draft) if self.draft else None,
-                             ActorExecutor(self.reward), config.window_ms / 1000, config.max_retries)
+        timeout = config.call_timeout_s
+        draft = ActorExecutor(self.draft, call_timeout_s=timeout) if self.draft else None
+        self.engine = Engine(codec, self.target, draft, ActorExecutor(self.reward, call_timeout_s=timeout),
+                             config.window_ms / 1000, config.max_retries)
 
     def workers(self) -> list:
         return [*self.target.ranks, *([self.draft] if self.draft else []), self.reward]

@@ -1,6 +1,7 @@
 """The Ray pipeline gives the in-process library's answers: TP = 1, TP = 2 (DeepSpeed AutoTP over
 gloo), and after a worker is killed mid-request."""
 
+import os
 import time
 
 import pytest
@@ -133,3 +134,45 @@ def test_killed_worker_is_restarted_and_requests_resume(local_ray, model_dirs, p
     assert use["retries"] >= 1  # some request really lost its caches
     assert len(outs) == len(reqs)  # each answered exactly once, in order
     assert [o.token_ids for o in outs] == reference(pairs["llama"], reqs)
+
+
+def test_a_hung_worker_call_times_out_and_the_worker_is_restarted(local_ray, tmp_path):
+    """A call that never returns (a hung forward or collective) becomes WorkerLost after
+    `call_timeout_s`, the worker is replaced, and the next call is answered."""
+    from ray.exceptions import GetTimeoutError
+
+    from actors.pipeline import ActorExecutor, _wait_all
+    from cdsl.engine import WorkerLost
+
+    marker = tmp_path / "hung-once"
+
+    @ray.remote(max_restarts=1, num_cpus=0)
+    class Sleepy:
+        def __init__(self) -> None:
+            self.hang = not marker.exists()  # the first incarnation hangs, its replacement answers
+            marker.touch()
+
+        def execute(self, calls, released):
+            if self.hang:
+                time.sleep(600)
+            return ["ok" for _ in calls]
+
+        def where(self) -> int:
+            return os.getpid()
+
+    ex = ActorExecutor(Sleepy.remote(), call_timeout_s=2)
+    pid = ray.get(ex.actor.where.remote())
+    start = time.monotonic()
+    with pytest.raises(WorkerLost):
+        ex.execute(["call"], [])
+    assert time.monotonic() - start < 60
+    assert ex.execute(["call"], []) == ["ok"] and ray.get(ex.actor.where.remote()) != pid
+
+    @ray.remote(num_cpus=0)
+    def stuck():
+        time.sleep(600)
+
+    refs = [stuck.remote()]
+    with pytest.raises(GetTimeoutError):  # what makes the target group rebuild instead of waiting forever
+        _wait_all(refs, timeout_s=1)
+    ray.cancel(refs[0], force=True)
