@@ -32,7 +32,9 @@ class ModelWorker:
     def __init__(self, model: ModelConfig, rank: int = 0, world: int = 1, master: tuple[str, int] | None = None,
                  gpu: bool = False) -> None:
         self.rank, self.world, self.master = rank, world, master
-        lm = LM.load(model)
+        # a rank of a split target loads on the host: DeepSpeed shards it there and moves only
+        # this rank's shard to the GPU, so a target too big for one GPU can still load
+        lm = LM.load(model if world == 1 else model.model_copy(update={"device": "cpu"}))
         if world > 1:
             lm = _tensor_parallel(lm, rank, world, master, gpu)
         self.store = SeqStore(lm)
