@@ -91,15 +91,12 @@ def generate(
         fail(validation_message(err))
     except ValueError as err:
         fail(str(err))
-    if prompt is None:
-        if not concept_list:
-            fail("give --prompt, or --concepts to build the CommonGen prompt")
-        try:
-            prompt = commongen_prompt(concept_list, Codec.load(target_cfg, "target").tokenizer)
-        except (OSError, ValueError) as err:
-            fail(str(err))
+    if prompt is None and not concept_list:
+        fail("give --prompt, or --concepts to build the CommonGen prompt")
     try:
         codec = Codec.load(target_cfg, "target")
+        if prompt is None:
+            prompt = commongen_prompt(concept_list, codec.tokenizer)
         codec.check_fits(len(codec.prompt_ids(prompt)), config.max_new_tokens)
     except (OSError, ValueError) as err:
         fail(str(err))

@@ -99,6 +99,8 @@ def _run_method(plan: Plan, method: str, config: PipelineConfig, out: Path, repl
     try:
         for s in ds.iter_rows():
             bar.update(int(s["rows"]))
+            if not s["fresh"]:  # written by an earlier try of this shard: not this run's work
+                continue
             start, end, tokens = float(s["start"]), float(s["end"]), int(s["tokens"])
             first, last = min(first, start), max(last, end)
             result["tokens"] += tokens
