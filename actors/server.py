@@ -172,6 +172,9 @@ class OpenAIServer:
 def _failure(err: Exception) -> ApiError:
     if isinstance(err, ValueError):
         return ApiError(400, str(err))
+    if isinstance(err, MemoryError):
+        return ApiError(503, f"out of memory for this request (the others in its batch were answered): {err}",
+                        kind="server_error")
     if isinstance(err, WorkerLost):
         return ApiError(503, f"a model worker was lost and the retries ran out: {err}", kind="server_error")
     return ApiError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")

@@ -107,9 +107,10 @@ class SeqStore:
             raise CacheLost(f"cache {run.key!r} holds {_length(kv)} tokens, asked to keep {run.keep}")
         return _crop(kv, run.keep)
 
-    def run(self, runs: list[Run]) -> list[torch.Tensor | CacheLost]:
+    def run(self, runs: list[Run]) -> list[torch.Tensor | CacheLost | MemoryError]:
         """Execute `runs` as one forward; logits per run, [rows, T, V] ([rows, V] if last_only).
-        A run whose cache is gone gets a `CacheLost` in its place and the others still run."""
+        A run whose cache is gone gets a `CacheLost` in its place, one that cannot fit in memory a
+        `MemoryError`, and the others still run."""
         results: list = [None] * len(runs)
         groups: dict[int, list[tuple[int, Run, KV | None]]] = {}
         for i, r in enumerate(runs):
@@ -120,9 +121,28 @@ class SeqStore:
                 continue
             groups.setdefault(_width_class(len(r.tokens[0])), []).append((i, r, kv))
         for group in groups.values():
-            for (i, _, _), out in zip(group, self._forward([r for _, r, _ in group], [kv for _, _, kv in group])):
-                results[i] = out
+            self._answer(group, results)
         return results
+
+    def _answer(self, group: list[tuple[int, Run, KV | None]], results: list) -> None:
+        """One forward for `group`. Out of memory, it halves the group until the run that does not
+        fit even alone, which gets a `MemoryError`; every other run is still answered."""
+        try:
+            outs = self._forward([r for _, r, _ in group], [kv for _, _, kv in group])
+        except torch.OutOfMemoryError as err:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(group) == 1:
+                (i, r, _), = group
+                results[i] = MemoryError(f"out of memory running {len(r.tokens)} x {len(r.tokens[0])} tokens on "
+                                         f"{self.lm.device}: {err}")
+                return
+            half = len(group) // 2
+            self._answer(group[:half], results)
+            self._answer(group[half:], results)
+            return
+        for (i, _, _), out in zip(group, outs):
+            results[i] = out
 
     @torch.inference_mode()
     def _forward(self, runs: list[Run], caches: list[KV | None]) -> list[torch.Tensor]:

@@ -94,3 +94,27 @@ def test_a_prefill_returns_one_row_of_logits_not_one_per_prompt_token(pairs):
     assert returned == [(1, target.vocab_size)] and len(ids) > 10
     full = LocalRunner(SeqStore(target)).run(Run("x", [ids], 0))
     assert torch.allclose(last, full[0, -1], atol=1e-9)
+
+
+def test_out_of_memory_fails_only_the_run_that_cannot_fit(pairs, monkeypatch):
+    """An OOM in a batched forward (injected: this machine has no GPU to exhaust) halves the
+    batch until the run that cannot fit alone; it gets a MemoryError, the others their logits."""
+    from cdsl.store import Run, SeqStore
+
+    target, _ = pairs["llama"]
+    store = SeqStore(target)
+    real, seen = store._forward, []
+
+    def forward(runs, caches):
+        seen.append(len(runs))
+        if any(r.key == "huge" for r in runs):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(runs, caches)
+
+    monkeypatch.setattr(store, "_forward", forward)
+    ids = target.encode("The dog throws a frisbee")
+    out = store.run([Run(f"r{i}", [ids], 0) for i in range(3)] + [Run("huge", [ids], 0)])
+    assert isinstance(out[3], MemoryError) and "out of memory" in str(out[3])
+    alone = SeqStore(target).run([Run("alone", [ids], 0)])[0]
+    assert all(torch.allclose(o, alone, atol=1e-9) for o in out[:3])
+    assert seen[0] == 4 and "huge" not in store.caches and all(f"r{i}" in store.caches for i in range(3))

@@ -101,7 +101,7 @@ def test_the_request_the_engine_gets():
 
 
 @pytest.mark.parametrize("error,status", [(ValueError("bad thing"), 400), (WorkerLost("gone"), 503),
-                                          (RuntimeError("boom"), 500)])
+                                          (MemoryError("no room"), 503), (RuntimeError("boom"), 500)])
 def test_engine_failures_become_json_errors(error, status):
     resp = client_for(FakeBackend(error)).post("/v1/completions", json=BODY)
     assert resp.status_code == status and resp.json()["object"] == "error"
