@@ -55,6 +55,10 @@ class PipelineConfig(BaseModel):
     """Longest a target group may take to start (load weights, join the process group)."""
     window_ms: float = Field(2.0, ge=0.0, le=1000.0)
     """Longest a phase waits for more requests to join a batch."""
+    max_tokens_held: int | None = Field(None, ge=1)
+    """Most KV-cache tokens the coordinator's requests may reserve together (prompt + output,
+    times k for searching methods); more requests wait, one that can never fit is refused (400).
+    Size it from what the target's GPUs hold; None: no bound."""
     max_concurrency: int = Field(256, ge=1)
     """Requests the coordinator runs at once."""
     decode: DecodeConfig = Field(default_factory=DecodeConfig)

@@ -203,13 +203,30 @@ class BatchedReward:
         return self.batcher.run(RewardCall(self.spec, tuple(batch), True))
 
 
+SEARCHING = ("cdlh", "cdlh-appx", "cdsl")
+"""Methods that fork `k` rows of the cache for lookaheads."""
+
+
+def cache_tokens(request: Request, prompt_tokens: int) -> int:
+    """KV-cache tokens one request may hold at its peak, a conservative bound: prompt + output,
+    times `k` for the methods whose search forks `k` rows."""
+    rows = request.config.k if request.config.method in SEARCHING else 1
+    return (prompt_tokens + request.config.max_new_tokens) * rows
+
+
 class Engine:
     """Runs many requests at once over three executors (target, draft, reward)."""
 
     def __init__(self, codec: Codec, target: Executor, draft: Executor | None = None,
-                 reward: Executor | None = None, window_s: float = 0.002, max_retries: int = 3) -> None:
-        self.codec, self.max_retries = codec, max_retries
+                 reward: Executor | None = None, window_s: float = 0.002, max_retries: int = 3,
+                 max_tokens_held: int | None = None) -> None:
+        """`max_tokens_held`: most KV-cache tokens the requests in flight may reserve together
+        (see `cache_tokens`); a request waits until its share fits, one that could never fit is
+        refused. None: no bound."""
+        self.codec, self.max_retries, self.max_tokens_held = codec, max_retries, max_tokens_held
         self.active = 0
+        self.tokens_held = self.peak_tokens_held = 0
+        self._room = threading.Condition()
         self._lock = threading.Lock()
         self._attempts = itertools.count()
         self.started = time.perf_counter()
@@ -251,9 +268,13 @@ class Engine:
         reward = BatchedReward(phases["reward"], request.reward) if request.reward else None
         with self._lock:
             self._live.setdefault(request.id, []).append(stop)
-            self.active += 1
         start, out, stats = time.perf_counter(), [], None
+        held, admitted = 0, False
         try:
+            held = self._admit(request, stop)
+            with self._lock:  # batchers wait for admitted requests only
+                self.active += 1
+                admitted = True
             for attempt in range(self.max_retries + 1):
                 ctx = Context(request.prompt, phases["target"], phases.get("draft"), reward, config,
                               codec=self.codec, key=f"{request.id}#{next(self._attempts)}", out=out, stats=stats)
@@ -272,13 +293,33 @@ class Engine:
                 finally:
                     ctx.close()
         finally:
+            with self._room:
+                self.tokens_held -= held
+                self._room.notify_all()
             with self._lock:
-                self.active -= 1
+                self.active -= admitted
                 self._live[request.id].remove(stop)
                 if not self._live[request.id]:
                     del self._live[request.id]
         ctx.stats.time_total = time.perf_counter() - start
         return ctx.result()
+
+    def _admit(self, request: Request, stop: threading.Event) -> int:
+        """Wait until the request's cache tokens fit under `max_tokens_held`; returns them."""
+        if self.max_tokens_held is None:
+            return 0
+        need = cache_tokens(request, len(self.codec.prompt_ids(request.prompt)))
+        if need > self.max_tokens_held:
+            raise ValueError(f"prompt + max_new_tokens: this request may hold {need} KV-cache tokens, more than "
+                             f"the engine's max_tokens_held of {self.max_tokens_held}")
+        with self._room:
+            while self.tokens_held + need > self.max_tokens_held:
+                if stop.is_set():
+                    raise Cancelled("request cancelled")
+                self._room.wait(timeout=0.1)
+            self.tokens_held += need
+            self.peak_tokens_held = max(self.peak_tokens_held, self.tokens_held)
+        return need
 
     def generate_many(self, requests: Sequence[Request], concurrency: int = 64) -> list[Generation]:
         """All requests, up to `concurrency` in flight; results in input order."""

@@ -179,3 +179,26 @@ def test_engine_equals_one_at_a_time_for_every_cdsl_action(pairs):
                            reward_weight=0.5 + i, accept_ratio=0.2, policy=policy)
         reqs.append(Request(PROMPTS[i % len(PROMPTS)], cfg, RewardSpec(concepts=CONCEPTS[i % len(CONCEPTS)])))
     _engine_matches_alone(pairs["llama"], reqs)
+
+
+def test_admission_bounds_the_cache_tokens_held(pairs):
+    """With `max_tokens_held` room for about two requests, the requests in flight never reserve
+    more than that, every request still gets its lone answer, and one that could never fit is
+    refused by name."""
+    from cdsl.engine import cache_tokens
+
+    target, draft = pairs["llama"]
+    reqs = _requests(["greedy", "cdlh", "cdsl"])
+    needs = [cache_tokens(r, len(target.prompt_ids(r.prompt))) for r in reqs]
+    budget = sorted(needs)[-1] + sorted(needs)[-2]
+    engine = Engine(target, SeqStore(target), SeqStore(draft), RewardTable(), max_tokens_held=budget)
+    try:
+        outs = engine.generate_many(reqs, concurrency=len(reqs))
+        assert 0 < engine.peak_tokens_held <= budget < sum(needs) and engine.tokens_held == 0
+        with pytest.raises(ValueError, match=f"more than the engine's max_tokens_held of {budget}"):
+            engine.generate(Request(reqs[0].prompt, DecodeConfig(method="greedy", max_new_tokens=budget),
+                                    reqs[0].reward))
+    finally:
+        engine.close()
+    for req, out in zip(reqs, outs):
+        assert out.token_ids == generate(req.prompt, target, draft, Coverage(req.reward.concepts), req.config).token_ids
