@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +43,15 @@ whose row crashes it would."""
 
 def shard_path(out: Path, method: str, index: int) -> Path:
     return out / method / f"part-{index:05d}.parquet"
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` to a temporary name beside `path`, then rename: `path` exists whole or not at all,
+    and two writers of the same file never mix their bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 class Replica:
@@ -71,7 +80,7 @@ class Replica:
         start = time.time()
         if path.exists():
             meta = pq.read_metadata(path)
-            return self._summary(method, index, meta.num_rows, 0, 0, start, fresh=False)
+            return self._summary(method, index, meta.num_rows, 0, start, fresh=False)
         tries = self._attempt(method, index)
         rows = read_shard(self.input, {k: int(shard[k]) for k in ("start", "stop", "offset", "line")})
         if tries["attempts"] > MAX_ATTEMPTS:
@@ -81,13 +90,9 @@ class Replica:
             with self._shared():
                 out = self._together(method, rows)
         table = to_table(sorted(out, key=lambda r: r["row"]), self.schema)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)  # a shard exists whole or not at all
+        write_whole(path, lambda tmp: pq.write_table(table, tmp))
         self._attempts_path(method, index).unlink(missing_ok=True)
-        errors = sum(r["error"] is not None for r in out)
-        return self._summary(method, index, len(out), errors, sum(r["tokens"] or 0 for r in out), start, fresh=True)
+        return self._summary(method, index, len(out), sum(r["tokens"] or 0 for r in out), start, fresh=True)
 
     @contextmanager
     def _shared(self) -> Iterator[None]:
@@ -116,9 +121,8 @@ class Replica:
                 self.isolating = False
                 self.turn.notify_all()
 
-    def _summary(self, method: str, index: int, rows: int, errors: int, tokens: int, start: float,
-                 fresh: bool) -> dict:
-        return {"method": method, "shard": index, "rows": rows, "errors": errors, "tokens": tokens,
+    def _summary(self, method: str, index: int, rows: int, tokens: int, start: float, fresh: bool) -> dict:
+        return {"method": method, "shard": index, "rows": rows, "tokens": tokens,
                 "replica": self.name, "node": self.node, "start": start, "end": time.time(), "fresh": fresh}
 
     def _row(self, method: str, row: dict, result=None, error: str | None = None, concepts=None) -> dict:
@@ -159,11 +163,11 @@ class Replica:
                 out.append(self._row(method, row, error=f"row killed its replica ({MAX_ATTEMPTS + 1} tries); skipped"))
                 continue
             tries["started"].append(row["row"])  # marked while it runs: if the replica dies now, it is to blame
-            self._save_attempts(method, tries["shard"], tries)
+            self._save_attempts(method, tries)
             sent = self._submit(method, row)
             out.append(sent if isinstance(sent, dict) else self._collect(method, row, *sent))
             tries["started"].remove(row["row"])
-            self._save_attempts(method, tries["shard"], tries)
+            self._save_attempts(method, tries)
         return out
 
     def _attempts_path(self, method: str, index: int) -> Path:
@@ -176,15 +180,11 @@ class Replica:
         if tries.get("run") != self.run:
             tries = {"run": self.run, "shard": index, "attempts": 0, "started": []}
         tries["attempts"] += 1
-        self._save_attempts(method, index, tries)
+        self._save_attempts(method, tries)
         return tries
 
-    def _save_attempts(self, method: str, index: int, tries: dict) -> None:
-        path = self._attempts_path(method, index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(tries))
-        os.replace(tmp, path)
+    def _save_attempts(self, method: str, tries: dict) -> None:
+        write_whole(self._attempts_path(method, tries["shard"]), lambda tmp: tmp.write_text(json.dumps(tries)))
 
     def __del__(self) -> None:
         pipe = getattr(self, "pipe", None)

@@ -43,7 +43,7 @@ class Context:
         self.pick = Picker(config.temperature, config.seed)
         self.lm = codec or target
         ids = self.lm.prompt_ids(prompt)
-        self.lm.check_fits(len(ids) + len(out), config.max_new_tokens - len(out))
+        self.lm.check_fits(len(ids), config.max_new_tokens)  # out counts against max_new_tokens
         self.n_prompt = len(ids)
         self.out: list[int] = list(out)
         self.target = Decoder(target, ids + self.out, self.stats, "target", key)
