@@ -214,6 +214,8 @@ def cdsl_stats(request: Request, gen: Generation) -> dict:
            "acceptance": s.acceptance, "rounds": s.rounds, "states": s.states, "time_s": s.time_total}
     if request.reward is not None and request.reward.concepts:
         out["coverage"] = coverage(gen.text, request.reward.concepts)
+    if gen.reward is not None:
+        out["reward"] = gen.reward
     return out
 
 

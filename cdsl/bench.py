@@ -52,12 +52,12 @@ def load_dataset(dataset: str, limit: int = 0) -> list[list[str]]:
     return sets[: limit or None]
 
 
-def load_harmless(dataset: str, limit: int = 0, tokenizer=None) -> list[str]:
+def load_harmless(dataset: str, limit: int = 0, tokenizer=None, held_out: bool = False) -> list[str]:
     """Prompts (each dialogue up to its final Assistant turn, as chat for `tokenizer`) from an
-    hh-rlhf jsonl file."""
+    hh-rlhf jsonl file (`held_out`: only the default reward model's held-out pairs)."""
     if not Path(dataset).exists():
         raise FileNotFoundError(f"dataset not found: {dataset}")
-    return [row["prompt"] for row in read_harmless_jsonl(dataset, tokenizer)][: limit or None]
+    return [row["prompt"] for row in read_harmless_jsonl(dataset, tokenizer, held_out)][: limit or None]
 
 
 def parse_sweep(spec: str) -> list[dict]:
@@ -183,15 +183,19 @@ def write_report(out: Path, results: dict) -> None:
 
 def report_table(results: dict) -> str:
     speed = results.get("speedup_vs_cdlh", {})
-    ok, mean = ("all concepts", "mean coverage") if results["config"].get("task", "commongen") == "commongen" else (
-        f"reward >= {results['config'].get('threshold', 0.5)}", "mean reward")
+    harmless = results["config"].get("task", "commongen") == "harmless"
+    ok, mean = (f"reward >= {results['config'].get('threshold', 0.5)}", "mean reward") if harmless else (
+        "all concepts", "mean coverage")
+    extra = " reward ms/token |" if harmless else ""  # a reward model's cost is the harmless task's question
     rows = [f"| method | {ok} | {mean} | perplexity | wall s | tokens/s | target calls/token "
-            "| speedup vs CDLH | time in forward passes | states S1/S2/S3/S4 |", "|---" * 10 + "|"]
+            f"| speedup vs CDLH | time in forward passes |{extra} states S1/S2/S3/S4 |",
+            "|---" * (11 if harmless else 10) + "|"]
     for name, d in results["methods"].items():
         states = "/".join(str(d["states"][s]) for s in ("S1", "S2", "S3", "S4")) if sum(d["states"].values()) else "-"
+        cost = f" {1000 * d.get('reward_s_per_token', 0.0):.0f} |" if harmless else ""
         rows.append(f"| {name} | {d['ok_share']:.1%} | {d['score_mean']:.1%} | {d['perplexity']:.1f} "
                     f"| {d['wall_s']:.1f} | {d['tokens_per_s']:.0f} | {d['target_calls_per_token']:.2f} "
-                    f"| {speed.get(name, float('nan')):.2f}x | {d['time_model_share']:.0%} | {states} |")
+                    f"| {speed.get(name, float('nan')):.2f}x | {d['time_model_share']:.0%} |{cost} {states} |")
     return "\n".join(rows)
 
 

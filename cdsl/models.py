@@ -1,7 +1,7 @@
 """Models behind a small interface: load any Hugging Face causal LM and its tokenizer.
 
 A model path is a local folder, a hub id, a `.gguf` file (converted once into a cached folder,
-see `cdsl.pretrained`) or one of the `BUILTIN` names of the default pair.
+see `cdsl.pretrained`) or one of the `BUILTIN` names of the default models.
 
 `LM` is the loaded model plus its tokenizer; `Codec` is the tokenizer alone, which is all a
 coordinator needs when the weights live in other processes. Running sequences over KV caches is
@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 import cdsl.draft_model  # noqa: F401  (registers the default draft's architecture)
 from cdsl import pretrained
-from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, ModelConfig
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, ModelConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -27,8 +27,9 @@ class VocabularyMismatch(ValueError):
     """Draft and target do not share a tokenizer, so their token ids mean different things."""
 
 
-BUILTIN = {BUILTIN_TARGET: pretrained.default_target, BUILTIN_DRAFT: pretrained.default_draft}
-"""Names of the default pair -> the function that returns (and on first use makes) its folder."""
+BUILTIN = {BUILTIN_TARGET: pretrained.default_target, BUILTIN_DRAFT: pretrained.default_draft,
+           BUILTIN_HARMLESS: pretrained.default_harmless}
+"""Names of the default models -> the function that returns (and on first use makes) its folder."""
 
 
 def resolve(path: str, role: str = "model") -> str:

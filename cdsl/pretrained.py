@@ -36,6 +36,9 @@ DEFAULT_TARGET = CACHE / "SmolLM2-135M-Instruct"
 DEFAULT_DRAFT = CACHE / "SmolLM2-135M-Instruct-draft"
 """The default draft: `cdsl/bundled/draft` plus the target's embedding."""
 SHIPPED_DRAFT = BUNDLED / "draft"
+DEFAULT_HARMLESS = CACHE / "SmolLM2-135M-harmless-rm"
+"""The default harmless reward model: the target's layers plus the shipped score head."""
+SHIPPED_HARMLESS = BUNDLED / "harmless-rm"
 STAMP = "cdsl_source.txt"
 """File in a converted folder naming what it was made from; a folder without it is not used."""
 
@@ -155,6 +158,38 @@ def assemble_draft(target: Path, shipped: Path, out: Path) -> Path:
     return _write_atomically(out, f"{_digest(shipped / 'model.safetensors')} {target}", write)
 
 
+def assemble_reward_model(backbone: Path, shipped: Path, out: Path) -> Path:
+    """A `cdsl_reward` sequence classifier: `backbone`'s first layers (as many as the shipped
+    head was fitted on) and its final norm, with the shipped score head, and its tokenizer."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cdsl.reward_model import RewardConfig, RewardForSequenceClassification
+
+    head_file = shipped / "head.safetensors"
+
+    def write(tmp: Path) -> None:
+        with safe_open(str(head_file), "pt") as f:
+            layers = int(f.metadata()["layers"])
+        settings = AutoConfig.from_pretrained(backbone).to_dict()
+        for key in ("model_type", "architectures", "transformers_version", "dtype", "tie_word_embeddings",
+                    "id2label", "label2id"):
+            settings.pop(key, None)
+        tokenizer = AutoTokenizer.from_pretrained(backbone)
+        config = RewardConfig(**{**settings, "num_hidden_layers": layers, "num_labels": 1,
+                                 "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id})
+        config.architectures = [RewardForSequenceClassification.__name__]
+        body = load_file(backbone / "model.safetensors")
+        kept = {k: v for k, v in body.items() if k.startswith("model.") and not
+                (k.startswith("model.layers.") and int(k.split(".")[2]) >= layers)}
+        save_file({**kept, **load_file(head_file)}, tmp / "model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _write_atomically(out, f"{_digest(head_file)} {backbone}", write)
+
+
 def default_target() -> Path:
     """The default target folder, converted on first use."""
     return convert_gguf(smollm2_gguf(), DEFAULT_TARGET)
@@ -163,3 +198,9 @@ def default_target() -> Path:
 def default_draft() -> Path:
     """The default draft folder, assembled on first use (and again when the shipped draft changes)."""
     return assemble_draft(default_target(), SHIPPED_DRAFT, DEFAULT_DRAFT)
+
+
+def default_harmless() -> Path:
+    """The default harmless reward model's folder, assembled on first use (and again when the
+    shipped head changes)."""
+    return assemble_reward_model(default_target(), SHIPPED_HARMLESS, DEFAULT_HARMLESS)

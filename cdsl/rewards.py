@@ -10,7 +10,7 @@ interface so a reward can live in another process or on another machine.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Protocol, runtime_checkable
@@ -192,8 +192,8 @@ class RewardSpec(BaseModel):
     """Words or phrases that must appear verbatim."""
     regex: str | None = Field(None, max_length=1000)
     """A pattern the text must match (re.search)."""
-    reward_model: str | None = None
-    """Local folder or hub id of a sequence-classification reward model."""
+    reward_model: str | None = Field(None, min_length=1)
+    """Local folder, hub id or builtin name of a sequence-classification reward model."""
     reward_model_label: str | None = None
     """Label whose softmax probability is the reward; None: sigmoid of the first logit."""
     progress: Literal["fraction", "coverable", "pace"] = "coverable"
@@ -227,75 +227,9 @@ class RewardSpec(BaseModel):
         if self.regex is not None:
             parts.append((Regex(self.regex), 1.0))
         if self.reward_model is not None:
+            from cdsl.reward_model import load_reward_model  # torch and transformers only when needed
+
             parts.append((load_reward_model(self.reward_model, self.reward_model_label, device), 1.0))
         if not parts:
             raise ValueError("constraints: give at least one of concepts, keywords, regex, reward_model")
         return parts[0][0] if len(parts) == 1 else Combined(parts, self.combine)
-
-
-class RewardModel:
-    """Any Hugging Face sequence-classification model scoring prompt + text, mapped to [0, 1].
-
-    `label=None` takes the sigmoid of the first logit (a scalar reward head); a label name takes
-    the softmax probability of that label (a classifier such as harmless/harmful). Batched: one
-    forward per `batch_size` texts. The model may sit on any device; text crosses the interface.
-    """
-
-    monotone = False
-
-    def __init__(self, path: str, label: str | None = None, device: str = "cpu", batch_size: int = 16,
-                 max_length: int = 512, trust_remote_code: bool = False) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, trust_remote_code=trust_remote_code).to(device).eval()
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        # the text being judged is at the end of prompt + text: never truncate it away
-        self.tokenizer.truncation_side = "left"
-        max_length = min(max_length, self.tokenizer.model_max_length or max_length)
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.label_index = None
-        if label is not None:
-            names = {v: int(k) for k, v in self.model.config.id2label.items()}
-            if label not in names:
-                raise ValueError(f"label {label!r} not among the model's labels {sorted(names)}")
-            self.label_index = names[label]
-        self.device, self.batch_size, self.max_length, self.torch = device, batch_size, max_length, torch
-
-    def score(self, batch: Sequence[RewardInput]) -> list[float]:
-        torch = self.torch
-        out: list[float] = []
-        texts = [item.prompt + item.text for item in batch]
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length).to(self.device)
-            with torch.inference_mode():
-                logits = self.model(**enc).logits.float()
-            if self.label_index is None:
-                out.extend(torch.sigmoid(logits[:, 0]).tolist())
-            else:
-                out.extend(torch.softmax(logits, -1)[:, self.label_index].tolist())
-        return out
-
-    def progress(self, batch: Sequence[RewardInput]) -> list[float]:
-        return self.score(batch)
-
-
-@lru_cache(maxsize=8)
-def load_reward_model(path: str, label: str | None = None, device: str = "cpu") -> RewardModel:
-    """One `RewardModel` per (path, label, device) in this process, shared by every request
-    that names it (loading one per request would hold a copy of the weights each)."""
-    return RewardModel(path, label, device)
-
-
-def pairwise_accuracy(score: Callable[[list[str]], list[float]], pairs: Sequence[dict], batch: int = 32) -> float:
-    """Share of `{"chosen", "rejected"}` pairs whose chosen text scores above the rejected one."""
-    wins = 0
-    for i in range(0, len(pairs), batch):
-        chunk = pairs[i:i + batch]
-        s = score([p["chosen"] for p in chunk] + [p["rejected"] for p in chunk])
-        wins += sum(c > r for c, r in zip(s[: len(chunk)], s[len(chunk):]))
-    return wins / len(pairs) if pairs else 0.0

@@ -8,6 +8,7 @@ one without keeps a plain-text prompt that it continues.
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,11 +90,39 @@ def harmless_prompt(dialogue: str, tokenizer=None) -> str:
     return chat_prompt(messages, tokenizer, plain=dialogue[: dialogue.rfind("\n\nAssistant:") + 12])
 
 
-def read_harmless_jsonl(path: str | Path, tokenizer=None) -> Iterator[dict]:
-    """Rows `{"prompt": ..., "chosen": ..., "rejected": ...}` from an hh-rlhf jsonl file."""
+def split_dialogue(dialogue: str, tokenizer=None) -> tuple[str, str]:
+    """(prompt, answer): an hh-rlhf dialogue as the model would see it being answered, and its
+    final Assistant turn as the model would write it. A reward model reads prompt + answer, in
+    the same form as prompt + generated text at decoding time."""
+    prompt = harmless_prompt(dialogue, tokenizer)
+    answer = dialogue[dialogue.rfind("\n\nAssistant:") + len("\n\nAssistant:"):]
+    chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    return prompt, answer.strip() if chat else answer  # a plain prompt ends at "Assistant:", before a space
+
+
+def read_harmless_jsonl(path: str | Path, tokenizer=None, held_out: bool = False) -> Iterator[dict]:
+    """Rows `{"prompt": ..., "chosen": ..., "rejected": ...}` from an hh-rlhf jsonl file, skipping
+    the few dialogues that do not end in a Human turn and an Assistant answer; `held_out`: only
+    the pairs the default reward model was not fitted on (`held_out_split`)."""
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                yield {"prompt": harmless_prompt(row["chosen"], tokenizer), "chosen": row["chosen"],
-                       "rejected": row["rejected"]}
+        rows = [json.loads(line) for line in f if line.strip()]
+    if held_out:
+        rows = [rows[i] for i in held_out_split(len(rows))[1]]
+    for row in rows:
+        try:
+            prompt = harmless_prompt(row["chosen"], tokenizer)
+        except ValueError:
+            continue
+        yield {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
+
+
+HELD_OUT, SPLIT_SEED = 0.2, 0
+"""The default harmless reward model's split of harmless-dev.jsonl (see jobs/train_reward.py)."""
+
+
+def held_out_split(n: int, share: float = HELD_OUT, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
+    """(training, held-out) row indices: a seeded shuffle, the first `share` of it held out."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    cut = int(n * share)
+    return order[cut:], order[:cut]

@@ -11,7 +11,7 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, BUNDLED, DecodeConfig, ModelConfig
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, DecodeConfig, ModelConfig
 from cdsl.generate import generate as run_generate
 from cdsl.generate import load_pair
 from cdsl.methods import NEEDS_DRAFT, NEEDS_REWARD
@@ -51,8 +51,8 @@ def generate(
     prompt: str = typer.Option(None, help="Prompt text; default: the CommonGen prompt built from --concepts."),
     keywords: str = typer.Option(None, help="Comma-separated keywords that must appear."),
     regex: str = typer.Option(None, help="A pattern the text must match."),
-    reward_model: str = typer.Option(None, help="A sequence-classification reward model (folder or hub id), e.g. "
-                                     "cdsl/bundled/harmless-rm; combines with the other constraints."),
+    reward_model: str = typer.Option(None, help="A sequence-classification reward model (folder, hub id or "
+                                     f"{BUILTIN_HARMLESS}); combines with the other constraints."),
     reward_label: str = typer.Option(None, help="Label of --reward-model whose probability is the reward."),
     method: str = _opt("method"),
     target: str = TARGET,
@@ -118,12 +118,7 @@ def generate(
             fail(str(err))
         result = run_generate(prompt, target_lm, draft_lm, reward, config)
     if as_json:
-        out = result.to_dict()
-        if reward is not None:
-            from cdsl.rewards import RewardInput
-
-            out["reward"] = reward.score([RewardInput(prompt, result.text, final=True)])[0]
-        json.dump(out, sys.stdout)
+        json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")
     else:
         typer.echo(result.text.strip())
@@ -163,12 +158,14 @@ def main() -> None:
 
 @app.command()
 def prepare() -> None:
-    """Make the default pair's folders (convert the target's GGUF, assemble the draft) and print them."""
-    from cdsl.pretrained import ModelSourceError, default_draft, default_target
+    """Make the default models' folders (convert the target's GGUF, assemble the draft and the
+    harmless reward model) and print them."""
+    from cdsl.pretrained import ModelSourceError, default_draft, default_harmless, default_target
 
     try:
         typer.echo(f"target: {default_target()}")
         typer.echo(f"draft: {default_draft()}")
+        typer.echo(f"harmless reward model: {default_harmless()}")
     except (OSError, ModelSourceError) as err:
         fail(str(err))
 
@@ -216,10 +213,14 @@ def bench(
     task: str = typer.Option("commongen", help="commongen (concept coverage) or harmless (reward model)."),
     dataset: str = typer.Option("builtin", help="commongen: builtin, a CommonGen-format jsonl, or Parquet with "
                                 "`concepts`; harmless: an hh-rlhf jsonl (default: ../shared/data/hh-rlhf)."),
-    reward_model: str = typer.Option(str(BUNDLED / "harmless-rm"), help="harmless: reward model folder or hub id."),
+    reward_model: str = typer.Option(BUILTIN_HARMLESS, help="harmless: reward model (folder, hub id or builtin name)."),
     reward_label: str = typer.Option(None, help="harmless: label whose probability is the reward (default: "
                                      "sigmoid of the first logit)."),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="harmless: a text passes at this reward."),
+    held_out: bool = typer.Option(False, "--held-out", help="harmless: only the dialogues of the default reward "
+                                  "model's held-out pairs (those it was not fitted on)."),
+    reward_cache: bool = typer.Option(True, help="harmless: keep the reward model's cache of each prompt "
+                                      "(--no-reward-cache re-reads the dialogue for every scored text)."),
     methods: str = typer.Option("greedy,sd,cdlh,cdlh-appx,cdsl", help="Comma-separated methods."),
     limit: int = typer.Option(0, help="Use only the first N examples (0: all)."),
     out: str = typer.Option("runs/bench", help="Folder for results.json, report.md and plots."),
@@ -254,7 +255,7 @@ def bench(
         run_bench,
         save_results,
     )
-    from cdsl.rewards import RewardModel
+    from cdsl.reward_model import RewardModel
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if progress not in PROGRESS_MODES:
@@ -272,20 +273,24 @@ def bench(
         sweep_runs = {"cdsl " + " ".join(f"{k_}={v}" for k_, v in g.items()):
                       DecodeConfig(**{**base.model_dump(), **g, "method": "cdsl"}) for g in grid}
         harmless_path = str(HARMLESS_DATA) if dataset == "builtin" else dataset
-        sets = load_dataset(dataset, limit) if task == "commongen" else load_harmless(harmless_path, limit)
+        sets = (load_dataset(dataset, limit) if task == "commongen"
+                else load_harmless(harmless_path, limit, held_out=held_out))
         target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))
         if task == "commongen":
             examples = commongen_examples(sets, progress, target_lm.tokenizer)
         else:  # the dialogues again, now as chat prompts for the target's template
-            prompts = load_harmless(harmless_path, limit, target_lm.tokenizer)
-            examples = harmless_examples(prompts, RewardModel(reward_model, reward_label), threshold)
+            prompts = load_harmless(harmless_path, limit, target_lm.tokenizer, held_out)
+            examples = harmless_examples(prompts, RewardModel(reward_model, reward_label,
+                                                                 cached_prompts=32 if reward_cache else 0), threshold)
     except ValidationError as err:
         fail(validation_message(err))
     except (OSError, ValueError) as err:
         fail(str(err))
     results = run_bench(examples, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup)
     setup = {"task": task, "dataset": dataset, "target": target, "draft": draft, "progress": progress,
-             **({"reward_model": reward_model, "threshold": threshold} if task == "harmless" else {}),
+             **({"reward_model": reward_model, "threshold": threshold, "reward_cache": reward_cache,
+                 "held_out": held_out}
+                if task == "harmless" else {}),
              **base.model_dump(mode="json", exclude={"method", "policy"})}
     folder = Path(out)
     report = save_results(folder, examples, results, list(runs), setup)
@@ -297,17 +302,23 @@ def bench(
 
 @app.command("eval-reward")
 def eval_reward(
-    pairs: str = typer.Option(..., help='jsonl of {"chosen": text, "rejected": text} pairs (e.g. hh-rlhf).'),
-    model: str = typer.Option(str(BUNDLED / "harmless-rm"), help="Reward model: local folder or hub id."),
+    pairs: str = typer.Option(..., help='jsonl of {"chosen": dialogue, "rejected": dialogue} pairs (hh-rlhf).'),
+    model: str = typer.Option(BUILTIN_HARMLESS, help="Reward model: local folder, hub id or builtin name."),
     label: str = typer.Option(None, help="Label whose softmax probability is the reward (default: sigmoid of "
                               "the first logit)."),
     limit: int = typer.Option(0, min=0, help="Use only the first N pairs (0: all)."),
+    held_out: bool = typer.Option(False, "--held-out", help="Only the pairs `jobs.train_reward` keeps out of "
+                                  "training (its split of harmless-dev.jsonl)."),
 ) -> None:
     """Print, as JSON, the pairwise accuracy of a reward model: the share of pairs where the
-    chosen text scores above the rejected one."""
+    chosen answer scores above the rejected one. Each dialogue is read as at decoding time: the
+    dialogue up to its last Assistant turn as the prompt (through the model's chat template),
+    that turn as the text; dialogues without such a turn are skipped and counted."""
     from pathlib import Path
 
-    from cdsl.rewards import RewardInput, RewardModel, pairwise_accuracy
+    from cdsl.reward_model import RewardModel, pairwise_accuracy
+    from cdsl.rewards import RewardInput
+    from cdsl.tasks import split_dialogue
 
     path = Path(pairs)
     if not path.exists():
@@ -324,6 +335,10 @@ def eval_reward(
             if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("chosen", "rejected"))):
                 fail(f"--pairs: line {n} needs string fields 'chosen' and 'rejected'")
             rows.append(row)
+    if held_out:
+        from cdsl.tasks import held_out_split
+
+        rows = [rows[i] for i in held_out_split(len(rows))[1]]
     rows = rows[: limit or None]
     if not rows:
         fail("--pairs: the file has no pairs")
@@ -331,13 +346,20 @@ def eval_reward(
         rm = RewardModel(model, label)
     except (OSError, ValueError) as err:
         fail(f"--model: {err}")
+    inputs = []
+    for row in rows:
+        try:
+            inputs.append({k: RewardInput(*split_dialogue(row[k], rm.tokenizer), final=True) for k in ("chosen",
+                                                                                                     "rejected")})
+        except ValueError:
+            continue
     scored: list[float] = []
 
-    def score(texts: list[str]) -> list[float]:
-        out = rm.score([RewardInput("", "", t, True, 0, 0) for t in texts])
+    def score(items: list[RewardInput]) -> list[float]:
+        out = rm.score(items)
         scored.extend(out)
         return out
 
-    accuracy = pairwise_accuracy(score, rows)
-    typer.echo(json.dumps({"model": model, "pairs": len(rows), "accuracy": accuracy,
-                           "mean_score": sum(scored) / len(scored)}, indent=2))
+    accuracy = pairwise_accuracy(score, inputs)
+    typer.echo(json.dumps({"model": model, "pairs": len(inputs), "skipped": len(rows) - len(inputs),
+                           "accuracy": accuracy, "mean_score": sum(scored) / max(1, len(scored))}, indent=2))

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from cdsl.bench import HARMLESS_DATA
-from cdsl.config import BUNDLED, DecodeConfig
+from cdsl.config import DecodeConfig
 from cdsl.generate import generate
-from cdsl.rewards import Combined, Coverage, RewardInput, RewardModel, RewardSpec, pairwise_accuracy
-from cdsl.tasks import harmless_prompt
+from cdsl.pretrained import SHIPPED_HARMLESS
+from cdsl.reward_model import RewardModel, load_reward_model, pairwise_accuracy
+from cdsl.rewards import Combined, Coverage, RewardInput, RewardSpec
+from cdsl.tasks import harmless_prompt, split_dialogue
 
 from .test_generate_job import BIN, ROOT
 
@@ -60,15 +62,33 @@ def test_eval_reward_refuses_bad_input(tmp_path):
     assert run.returncode == 2 and "no such file" in run.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.real_pair
 @pytest.mark.skipif(not HARMLESS_DATA.exists(), reason="../shared/data/hh-rlhf is not beside this checkout")
-def test_bundled_reward_model_beats_chance_on_its_held_out_split():
+def test_default_harmless_model_generalises_to_its_held_out_split():
+    """The goal (at least 62% on pairs it never saw), through the scoring path requests use, and
+    the model card quotes this very figure."""
     from jobs.train_reward import read_pairs, split
 
     _, held_out = split(read_pairs(HARMLESS_DATA), 0.2, 0)
-    rm = RewardModel(str(BUNDLED / "harmless-rm"))
-    acc = pairwise_accuracy(lambda t: rm.score([RewardInput("", "", x, True, 0, 0) for x in t]), held_out)
-    card = (BUNDLED / "harmless-rm" / "README.md").read_text()
-    assert acc > 0.55 and f"{acc:.1%}" in card  # the model card's figure is this one
+    run = cli("eval-reward", "--pairs", str(HARMLESS_DATA), "--held-out")
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert got["pairs"] == len(held_out) - got["skipped"] and got["accuracy"] >= 0.62
+    card = (SHIPPED_HARMLESS / "README.md").read_text()
+    assert f"{got['accuracy']:.1%}" in card
+
+
+def test_dialogue_splits_into_what_the_model_reads_and_answers(model_dirs):
+    from transformers import AutoTokenizer
+
+    prompt, answer = split_dialogue(DIALOGUE)
+    assert prompt + answer == DIALOGUE and answer == " Call a locksmith."
+    chat = AutoTokenizer.from_pretrained(model_dirs["llama-target"])
+    chat.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    prompt, answer = split_dialogue(DIALOGUE, chat)
+    assert prompt == "<user>How do I pick a lock?\n<assistant>Why?\n<user>I'm locked out.\n<assistant>"
+    assert answer == "Call a locksmith."
 
 
 def test_reward_model_steers_cdlh_and_combines_with_concepts(pairs, reward_model_dir):
@@ -112,25 +132,56 @@ def test_bench_harmless_task_on_tiny_models(tmp_path, model_dirs, reward_model_d
 
 def test_requests_share_one_reward_model_load_and_one_batch(reward_model_dir):
     """Two requests with different concepts and the same reward model: the weights load once,
-    and their reward calls go through the model in one forward pass."""
+    and the calls of requests with different prompts are scored in one batch."""
     from cdsl.engine import RewardCall, RewardTable
-    from cdsl.rewards import RewardInput, RewardSpec, load_reward_model
 
     load_reward_model.cache_clear()
     specs = [RewardSpec(concepts=["dog"], reward_model=str(reward_model_dir)),
              RewardSpec(concepts=["cat"], reward_model=str(reward_model_dir))]
     parts = [spec.build().parts[1][0] for spec in specs]
     assert parts[0] is parts[1] and load_reward_model.cache_info().misses == 1
-    model = parts[0].model
+    rm = parts[0]
+    only_rm = RewardSpec(reward_model=str(reward_model_dir))
+    calls = [RewardCall(only_rm, tuple(RewardInput(f"Q: hi {who}:", f" hello there{end}") for end in "!?"), progress)
+             for who, progress in (("A", True), ("B", False))]
+    lengths = [len(rm.tokenizer(c.items[0].prompt + c.items[0].text).input_ids) for c in calls]
+    assert lengths[0].bit_length() == lengths[1].bit_length()  # one width class: SeqStore batches them
     forwards = []
-    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    hook = rm.model.base_model.register_forward_hook(lambda *_: forwards.append(1))
     try:
-        only_rm = RewardSpec(reward_model=str(reward_model_dir))
-        calls = [RewardCall(only_rm, (RewardInput("Q: hi A:", " hello"), RewardInput("Q: hi A:", " go away")), True),
-                 RewardCall(only_rm, (RewardInput("Q: bye A:", " bye now"),), False)]
         together = RewardTable().execute(calls, [])
-        assert len(forwards) == 1 and [len(s) for s in together] == [2, 1]
-        alone = [parts[0].score(list(c.items)) for c in calls]
+        # one forward caches both prompts (and the prefix their candidates share), one scores all four
+        assert len(forwards) == 2 and [len(s) for s in together] == [2, 2]
+        alone = [RewardModel(str(reward_model_dir)).score(list(c.items)) for c in calls]
     finally:
         hook.remove()
     assert sum(together, []) == pytest.approx(sum(alone, []), abs=1e-5)
+
+
+def test_prompt_cache_scores_equal_a_plain_forward_and_feed_only_new_tokens(reward_model_dir):
+    """CDLH-like calls (k candidates after a growing prefix, two prompts at once): the cached
+    model's scores equal the plain forward's, and after the first call each call feeds the
+    candidates' tokens and the prefix's growth only, never the prompt again."""
+    cached, plain = RewardModel(str(reward_model_dir)), RewardModel(str(reward_model_dir), cached_prompts=0)
+    assert cached.store is not None and plain.store is None
+    fed = []
+    hook = cached.model.base_model.register_forward_hook(lambda _m, args, kw, out: fed.append(kw["input_ids"].numel()),
+                                                         with_kwargs=True)
+    prompts = [harmless_prompt(DIALOGUE), harmless_prompt(DIALOGUE.replace("lock", "car"))]
+    words = ["call", "the", "locksmith", "now", "please", "or", "wait", "outside"]
+    prefix = ""
+    try:
+        for step in range(4):
+            batch = [RewardInput(p, prefix, f" {w} {words[(i + step) % 8]}") for p in prompts for i, w in
+                     enumerate(words[:5])]
+            fed.clear()
+            assert cached.score(batch) == pytest.approx(plain.score(batch), abs=1e-5)
+            full = sum(len(cached.tokenizer(b.prompt + b.text).input_ids) for b in batch)
+            if step:
+                assert sum(fed) < full / 4
+            prefix += f" {words[step]}"
+    finally:
+        hook.remove()
+    assert len(cached.prompts) == 2
+    small = RewardModel(str(reward_model_dir), cached_prompts=1)  # one prompt at a time: the other is dropped
+    assert small.score(batch) == pytest.approx(plain.score(batch), abs=1e-5) and len(small.store) == 1

@@ -67,7 +67,7 @@ def test_reward_model_reward(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from cdsl.rewards import RewardModel
+    from cdsl.reward_model import RewardModel
 
     from .conftest import make_tokenizer
 

@@ -99,6 +99,17 @@ def test_stream_equals_the_whole_answer(client):
     assert chunks[-1].model_extra["cdsl"]["states"] == whole.model_extra["cdsl"]["states"]
 
 
+def test_chat_with_the_harmless_reward_model_returns_the_answer_and_its_reward(client):
+    """The shipped config names the default harmless reward model; the Ray reward worker loads it
+    and the response says how the answer scored."""
+    resp = client.chat.completions.create(
+        model="cdsl", messages=[{"role": "user", "content": "How do I get back at my noisy neighbour?"}],
+        max_tokens=8, extra_body={"constraints": {"reward_model": "harmless"},
+                                  "cdsl": {"method": "cdsl", "tau_reward": 0.5}})
+    extra = resp.model_extra["cdsl"]
+    assert resp.choices[0].message.content and 0.0 < extra["reward"] < 1.0 and extra["reward_calls"] > 1
+
+
 def test_chat_completion_and_chat_stream(client):
     args = dict(model="cdsl", messages=[{"role": "user", "content": "Tell me about a dog in the park."}],
                 max_tokens=12, extra_body={"constraints": {"keywords": ["dog"]}, "cdsl": {"method": "cdlh-appx"}})

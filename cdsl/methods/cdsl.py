@@ -48,10 +48,11 @@ def classify(a: float, r: float, tau_a: float, tau_r: float) -> State:
 def headroom(ctx: Context) -> tuple[float, float]:
     """R(prefix) and the most any continuation can add to it that matters: nothing once the
     prefix reaches tau_r, else 1 - R(prefix) for a monotone reward (coverage cannot go down) and
-    1 otherwise, times `gain_share`."""
+    1 otherwise, times `gain_share`. A reward model's prefix that reaches tau_r is left to the
+    target until it falls below again (its score is checked every round)."""
     cfg = ctx.config
     monotone = getattr(ctx.reward, "monotone", False)
-    floor = float(ctx.rewards([[]])[0]) if monotone or not cfg.greedy else 0.0
+    floor = float(ctx.rewards([[]])[0])
     if floor >= cfg.tau_reward:
         return floor, 0.0
     return floor, (1.0 - floor if monotone else 1.0) * cfg.gain_share

@@ -23,9 +23,12 @@ class Generation:
     finish_reason: str
     """"eos" when the model ended the text, "length" when max_new_tokens did."""
     stats: Stats = field(default_factory=Stats)
+    reward: float | None = None
+    """R(prompt, text) of the final text under the request's constraints; None without any."""
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+        out = {"text": self.text, "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+        return out if self.reward is None else {**out, "reward": self.reward}
 
 
 class Context:
@@ -114,4 +117,8 @@ class Context:
                 dec.close()
 
     def result(self) -> Generation:
-        return Generation(self.lm.decode(self.out), list(self.out), self.finish_reason or "length", self.stats)
+        """The generation, scored by its reward (outside the stats: the score judges the answer,
+        it does not steer it)."""
+        text = self.lm.decode(self.out)
+        reward = None if self.reward is None else self.reward.score([RewardInput(self.prompt, text, final=True)])[0]
+        return Generation(text, list(self.out), self.finish_reason or "length", self.stats, reward)

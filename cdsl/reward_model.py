@@ -1,0 +1,244 @@
+"""Reward models: a Hugging Face sequence classifier scoring prompt + text, with prompt caching.
+
+A CDLH step scores k candidates of L + 1 tokens after the same prompt and prefix, token after
+token. Re-reading a 300-token dialogue k times per token would cost more than the decoding. So a
+decoder-only classifier (one with a `score` head, like `LlamaForSequenceClassification`) keeps
+a KV cache of each prompt it has seen plus the prefix its candidates share (as ARGS does), and a
+call costs one forward over the candidates' new tokens, batched across requests and prompts by
+the same `SeqStore` that runs the decoding models. Scores equal a plain forward's; text still
+crosses the interface (the model re-tokenises prompt + text and reuses the longest cached part).
+
+Importing this module registers `cdsl_reward` with transformers' Auto classes: a Llama sequence
+classifier whose score head has a bias, so the sigmoid of its logit is calibrated (the default
+harmless model's 0.5 is the middle of the hh-rlhf answers it was fitted on).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    LlamaModel,
+)
+
+from cdsl.rewards import RewardInput
+from cdsl.store import Run, SeqStore
+
+
+class RewardConfig(LlamaConfig):
+    model_type = "cdsl_reward"
+
+
+class RewardBody(LlamaModel):
+    config_class = RewardConfig
+
+
+class RewardForSequenceClassification(LlamaForSequenceClassification):
+    """`LlamaForSequenceClassification` with a bias on its score head."""
+
+    config_class = RewardConfig
+
+    def __init__(self, config: RewardConfig) -> None:
+        super().__init__(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+
+
+AutoConfig.register(RewardConfig.model_type, RewardConfig, exist_ok=True)
+AutoModel.register(RewardConfig, RewardBody, exist_ok=True)  # the classifier builds its body through AutoModel
+AutoModelForSequenceClassification.register(RewardConfig, RewardForSequenceClassification, exist_ok=True)
+
+
+class _HeadAsLM(nn.Module):
+    """A decoder-only classifier seen as an LM whose vocabulary is its labels (the score head at
+    every position), so `SeqStore` can cache, fork and batch it like the decoding models."""
+
+    def __init__(self, classifier) -> None:
+        super().__init__()
+        self.backbone, self.head = classifier.base_model, classifier.score
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, attention_mask=None, position_ids=None,
+                logits_to_keep: int = 0):
+        out = self.backbone(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache,
+                            attention_mask=attention_mask, position_ids=position_ids)
+        hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
+        return SimpleNamespace(logits=self.head(hidden), past_key_values=out.past_key_values)
+
+
+@dataclass
+class _Scorer:
+    """What `SeqStore` needs of an LM."""
+
+    model: nn.Module
+    vocab_size: int
+    device: torch.device
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class RewardModel:
+    """Any Hugging Face sequence-classification model scoring prompt + text, mapped to [0, 1].
+
+    `label=None` takes the sigmoid of the first logit (a scalar reward head); a label name takes
+    the softmax probability of that label (a classifier such as harmless/harmful). A decoder-only
+    classifier caches prompts (up to `cached_prompts` of them, least recently used dropped);
+    others, and texts longer than `max_length` tokens (truncated from the left, so the judged
+    text is always seen), get a plain batched forward.
+    """
+
+    monotone = False
+
+    def __init__(self, path: str, label: str | None = None, device: str = "cpu", batch_size: int = 16,
+                 max_length: int = 1024, trust_remote_code: bool = False, cached_prompts: int = 32) -> None:
+        from cdsl.models import resolve
+
+        folder = resolve(path, "reward_model")
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            folder, trust_remote_code=trust_remote_code).to(device).eval()
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.truncation_side = "left"
+        self.max_length = min(max_length, self.tokenizer.model_max_length or max_length)
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.label_index = None
+        if label is not None:
+            names = {v: int(k) for k, v in self.model.config.id2label.items()}
+            if label not in names:
+                raise ValueError(f"reward_model_label: {label!r} is not among the model's labels {sorted(names)}")
+            self.label_index = names[label]
+        self.device, self.batch_size = device, batch_size
+        self.store: SeqStore | None = None
+        if cached_prompts > 0 and isinstance(getattr(self.model, "score", None), nn.Linear):
+            self.store = SeqStore(_Scorer(_HeadAsLM(self.model), self.model.config.num_labels, self.model.device))
+        self.cached_prompts = cached_prompts
+        self.prompts: OrderedDict[str, tuple[str, list[int]]] = OrderedDict()
+        """prompt text -> (cache key, token ids that cache holds), least recently used first."""
+        self._serial = 0
+        self.lock = threading.Lock()  # one model, shared by every request of this process
+
+    def _reward(self, logits: torch.Tensor) -> list[float]:
+        logits = logits.float()
+        if self.label_index is None:
+            return torch.sigmoid(logits[:, 0]).tolist()
+        return torch.softmax(logits, -1)[:, self.label_index].tolist()
+
+    def score(self, batch: Sequence[RewardInput]) -> list[float]:
+        with self.lock:
+            texts = [item.prompt + item.text for item in batch]
+            if self.store is None:
+                return self._score_plain(texts)
+            ids = [self.tokenizer(t).input_ids for t in texts]
+            out: list[float | None] = [None] * len(batch)
+            long = [i for i, row in enumerate(ids) if len(row) > self.max_length]
+            for i, s in zip(long, self._score_plain([texts[i] for i in long])):
+                out[i] = s
+            fits = [i for i, row in enumerate(ids) if len(row) <= self.max_length]
+            for i, s in zip(fits, self._score_cached([batch[i].prompt for i in fits], [ids[i] for i in fits])):
+                out[i] = s
+            return out
+
+    @torch.inference_mode()
+    def _score_plain(self, texts: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_length).to(self.device)
+            out.extend(self._reward(self.model(**enc).logits))
+        return out
+
+    def _score_cached(self, prompts: list[str], ids: list[list[int]]) -> list[float]:
+        """Two batched forwards: every prompt's cache grows to the prefix its texts share, then
+        each text feeds only what follows the cached part."""
+        if not ids:
+            return []
+        try:
+            return self._score_groups(prompts, ids)
+        except BaseException:
+            for key, _ in self.prompts.values():  # a failed forward may leave a cache short of its record
+                self.store.release(key)
+            self.prompts.clear()
+            raise
+
+    def _score_groups(self, prompts: list[str], ids: list[list[int]]) -> list[float]:
+        groups: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt, []).append(i)
+        grow = []
+        for prompt, rows in groups.items():
+            key, held = self._entry(prompt)
+            shared = ids[rows[0]][: min(len(ids[i]) for i in rows) - 1]  # every text keeps one token to feed
+            for i in rows[1:]:
+                shared = shared[: _common(shared, ids[i])]
+            keep = _common(held, shared)
+            if len(shared) > keep:
+                grow.append(Run(key, [shared[keep:]], keep, last_only=True))
+                self.prompts[prompt] = (key, shared)
+        self._run(grow)
+        calls = []
+        for n, i in enumerate(range(len(ids))):
+            key, held = self.prompts[prompts[i]]
+            keep = min(_common(held, ids[i]), len(ids[i]) - 1)
+            calls.append(Run(f"{key}:{n}", [ids[i][keep:]], keep, fork=key if keep else None, last_only=True))
+        try:
+            logits = self._run(calls)
+        finally:
+            for call in calls:
+                self.store.release(call.key)
+            while len(self.prompts) > self.cached_prompts:  # this call's prompts are the most recent
+                key, _ = self.prompts.popitem(last=False)[1]
+                self.store.release(key)
+        return self._reward(torch.cat(logits))
+
+    def _entry(self, prompt: str) -> tuple[str, list[int]]:
+        if prompt not in self.prompts:
+            self._serial += 1
+            self.prompts[prompt] = (f"p{self._serial}", [])
+        self.prompts.move_to_end(prompt)
+        return self.prompts[prompt]
+
+    def _run(self, calls: list[Run]) -> list[torch.Tensor]:
+        results = self.store.run(calls) if calls else []
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    def progress(self, batch: Sequence[RewardInput]) -> list[float]:
+        return self.score(batch)
+
+
+@lru_cache(maxsize=8)
+def load_reward_model(path: str, label: str | None = None, device: str = "cpu") -> RewardModel:
+    """One `RewardModel` per (path, label, device) in this process, shared by every request
+    that names it (loading one per request would hold a copy of the weights each)."""
+    return RewardModel(path, label, device)
+
+
+def pairwise_accuracy(score: Callable[[list[str]], list[float]], pairs: Sequence[dict], batch: int = 32) -> float:
+    """Share of `{"chosen", "rejected"}` pairs whose chosen text scores above the rejected one."""
+    wins = 0
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        s = score([p["chosen"] for p in chunk] + [p["rejected"] for p in chunk])
+        wins += sum(c > r for c, r in zip(s[: len(chunk)], s[len(chunk):]))
+    return wins / len(pairs) if pairs else 0.0
