@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cdsl.config import BUILTIN_DRAFT, DecodeConfig, ModelConfig
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, DecodeConfig, ModelConfig
 
 DRAFT_RESOURCE = "draft_gpu"
 """Custom resource a node advertises to host draft workers (cheap GPUs)."""
@@ -94,6 +94,21 @@ class ServerConfig(BaseModel):
     reward_models: dict[str, str] = Field(default_factory=dict)
     """Names a request may give as `constraints.reward_model`, each a local folder or hub id of a
     sequence-classification model. Requests cannot load models the config does not name."""
+
+    @field_validator("reward_models")
+    @classmethod
+    def _reward_models_exist(cls, models: dict[str, str]) -> dict[str, str]:
+        """A misspelt folder fails at `serve run`, not at the first request that names it."""
+        for name, path in models.items():
+            field = f"reward_models.{name}"
+            if not name.strip() or not path.strip():
+                raise ValueError("reward_models: names and paths must not be empty")
+            if path.startswith("builtin:") and path != BUILTIN_HARMLESS:
+                raise ValueError(f"{field}: unknown builtin model {path!r} (the builtin reward model is "
+                                 f"{BUILTIN_HARMLESS})")
+            if (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not Path(path).expanduser().exists():
+                raise ValueError(f"{field}: reward model folder not found: {path}")
+        return models
     max_tokens: int = Field(256, ge=1, le=4096)
     """Largest `max_tokens` a request may ask for."""
     max_prompt_chars: int = Field(8000, ge=1)

@@ -112,9 +112,15 @@ class RewardModel:
         from cdsl.models import resolve
 
         folder = resolve(path, "reward_model")
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, trust_remote_code=trust_remote_code).to(device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"reward_model: no tokenizer to read text with in {path!r} ({err})") from err
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                folder, trust_remote_code=trust_remote_code).to(device).eval()
+        except (OSError, ValueError) as err:
+            raise ValueError(f"reward_model: {path!r} is not a sequence-classification model ({err})") from err
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.truncation_side = "left"

@@ -17,7 +17,7 @@ from cdsl.generate import load_pair
 from cdsl.methods import NEEDS_DRAFT, NEEDS_REWARD
 from cdsl.models import Codec
 from cdsl.rewards import PROGRESS_MODES, RewardSpec
-from cdsl.tasks import commongen_prompt, parse_concepts
+from cdsl.tasks import commongen_prompt, harmless_prompt, parse_concepts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 D = DecodeConfig()
@@ -49,6 +49,8 @@ def validation_message(err: ValidationError) -> str:
 def generate(
     concepts: str = typer.Option(None, help="Concepts to cover, comma-separated (CommonGen task)."),
     prompt: str = typer.Option(None, help="Prompt text; default: the CommonGen prompt built from --concepts."),
+    dialogue: str = typer.Option(None, help="An hh-rlhf dialogue ending in '\\n\\nAssistant:' to answer, sent to "
+                                 "the target as chat turns (the harmless task); instead of --prompt."),
     keywords: str = typer.Option(None, help="Comma-separated keywords that must appear."),
     regex: str = typer.Option(None, help="A pattern the text must match."),
     reward_model: str = typer.Option(None, help="A sequence-classification reward model (folder, hub id or "
@@ -91,11 +93,15 @@ def generate(
         fail(validation_message(err))
     except ValueError as err:
         fail(str(err))
-    if prompt is None and not concept_list:
-        fail("give --prompt, or --concepts to build the CommonGen prompt")
+    if prompt is not None and dialogue is not None:
+        fail("give --prompt or --dialogue, not both")
+    if prompt is None and dialogue is None and not concept_list:
+        fail("give --prompt, --dialogue, or --concepts to build the CommonGen prompt")
     try:
         codec = Codec.load(target_cfg, "target")
-        if prompt is None:
+        if dialogue is not None:
+            prompt = harmless_prompt(dialogue, codec.tokenizer)
+        elif prompt is None:
             prompt = commongen_prompt(concept_list, codec.tokenizer)
         codec.check_fits(len(codec.prompt_ids(prompt)), config.max_new_tokens)
     except (OSError, ValueError) as err:

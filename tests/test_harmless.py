@@ -1,6 +1,6 @@
 """The harmless task: hh-rlhf prompts, reward-model rewards (alone and combined with concepts),
-pairwise accuracy (`cdsl eval-reward`), the bundled harmlessness reward model, and
-`cdsl bench --task harmless` on tiny random models."""
+prompt-cached scoring, pairwise accuracy (`cdsl eval-reward`), the default harmless reward model
+(marked real_pair), bad input, and `cdsl bench --task harmless` on tiny random models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cdsl.bench import HARMLESS_DATA
-from cdsl.config import DecodeConfig
+from cdsl.config import BUILTIN_HARMLESS, DecodeConfig
 from cdsl.generate import generate
 from cdsl.pretrained import SHIPPED_HARMLESS
 from cdsl.reward_model import RewardModel, load_reward_model, pairwise_accuracy
@@ -185,3 +185,49 @@ def test_prompt_cache_scores_equal_a_plain_forward_and_feed_only_new_tokens(rewa
     assert len(cached.prompts) == 2
     small = RewardModel(str(reward_model_dir), cached_prompts=1)  # one prompt at a time: the other is dropped
     assert small.score(batch) == pytest.approx(plain.score(batch), abs=1e-5) and len(small.store) == 1
+
+
+@pytest.mark.parametrize("models,message", [
+    ({"harmless": "/no/such/folder"}, "reward_models.harmless: reward model folder not found"),
+    ({"harmless": "builtin:nope"}, "reward_models.harmless: unknown builtin model"),
+    ({"harmless": ""}, "must not be empty"),
+])
+def test_server_config_refuses_reward_models_it_cannot_load(models, message):
+    from pydantic import ValidationError
+
+    from actors.config import ServerConfig
+
+    with pytest.raises(ValidationError, match=message):
+        ServerConfig(reward_models=models)
+    assert ServerConfig(reward_models={"harmless": BUILTIN_HARMLESS}).reward_models["harmless"] == BUILTIN_HARMLESS
+
+
+def test_reward_model_errors_name_the_field(tmp_path, reward_model_dir):
+    import shutil
+
+    with pytest.raises(FileNotFoundError, match="reward_model.path"):
+        RewardModel(str(tmp_path / "missing"))
+    (tmp_path / "weights-only").mkdir()
+    for f in reward_model_dir.iterdir():
+        if f.name.startswith(("config", "model")):
+            shutil.copy(f, tmp_path / "weights-only" / f.name)
+    with pytest.raises(ValueError, match="reward_model: no tokenizer"):
+        RewardModel(str(tmp_path / "weights-only"))
+    with pytest.raises(ValueError, match="reward_model"):
+        RewardSpec(reward_model="")
+
+
+def test_generate_answers_a_dialogue_and_reports_its_reward(model_dirs, reward_model_dir):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    base = ["generate", "--target", str(model_dirs["llama-target"]), "--draft", str(model_dirs["llama-draft"]),
+            "--reward-model", str(reward_model_dir), "--method", "cdsl", "--tau-reward", "0.5",
+            "--max-new-tokens", "6", "--json"]
+    res = CliRunner().invoke(app, [*base, "--dialogue", DIALOGUE[: DIALOGUE.rindex(" Call")]])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert 0.0 < out["reward"] < 1.0 and out["stats"]["reward_calls"] > 0
+    res = CliRunner().invoke(app, [*base, "--dialogue", "\n\nHuman: How do I pick a lock?"])
+    assert res.exit_code == 2 and "dialogue: no" in res.output
