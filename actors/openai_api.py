@@ -69,6 +69,7 @@ class CdslOptions(BaseModel):
     tau_accept: float | None = None
     tau_reward: float | None = None
     gain_share: float | None = None
+    reward_range: float | None = None
     accept_ratio: float | None = None
     reward_weight: float | None = None
 

@@ -28,7 +28,7 @@ from cdsl.tasks import commongen_prompt, parse_concepts, read_commongen_jsonl, r
 HARMLESS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-dev.jsonl"
 """The hh-rlhf pairs beside a checkout of this project (absent on a user's machine)."""
 SWEEPABLE = {"gain_share": float, "accept_ratio": float, "tau_accept": float, "tau_reward": float,
-             "draft_len": int, "k": int, "lookahead": int, "reward_weight": float}
+             "draft_len": int, "k": int, "lookahead": int, "reward_weight": float, "reward_range": float}
 
 
 def load_dataset(dataset: str, limit: int = 0) -> list[list[str]]:

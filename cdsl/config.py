@@ -96,6 +96,11 @@ class DecodeConfig(_Strict):
     R(prefix) for coverage) could beat the target's best token. 1: wherever the reward could
     change the choice, which for a monotone reward gives CDLH's own output; lower: fewer, cheaper
     searches; 0: never (speculative decoding)."""
+    reward_range: float = Field(1.0, ge=0.0, le=1.0)
+    """For a reward that is not monotone (a reward model): the most its score differs between the
+    top-k continuations of one prefix. CDSL searches only where a candidate gaining that much
+    could beat the target's best token (what 1 - R(prefix) bounds for coverage). 1: wherever the
+    reward could change the choice (CDLH's output); lower: fewer searches."""
     tau_accept: float = Field(0.5, ge=0.0, le=1.0)
     """tau_a: a draft whose acceptance n/d reaches this counts as on-target."""
     tau_reward: float = Field(1.0, ge=0.0, le=1.0)

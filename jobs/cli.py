@@ -65,6 +65,7 @@ def generate(
     tau_accept: float = _opt("tau_accept"),
     tau_reward: float = _opt("tau_reward"),
     gain_share: float = _opt("gain_share"),
+    reward_range: float = _opt("reward_range"),
     accept_ratio: float = _opt("accept_ratio"),
     reward_weight: float = _opt("reward_weight"),
     max_new_tokens: int = _opt("max_new_tokens"),
@@ -81,7 +82,7 @@ def generate(
     try:
         config = DecodeConfig(method=method, k=k, lookahead=lookahead, draft_len=draft_len,
                               tau_accept=tau_accept, tau_reward=tau_reward, gain_share=gain_share,
-                              accept_ratio=accept_ratio, reward_weight=reward_weight,
+                              reward_range=reward_range, accept_ratio=accept_ratio, reward_weight=reward_weight,
                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         target_cfg = ModelConfig(path=target, dtype=dtype, device=device)
         draft_cfg = ModelConfig(path=draft, dtype=dtype, device=device) if method in NEEDS_DRAFT else None
@@ -242,6 +243,7 @@ def bench(
     tau_accept: float = _opt("tau_accept"),
     tau_reward: float = _opt("tau_reward"),
     gain_share: float = _opt("gain_share"),
+    reward_range: float = _opt("reward_range"),
     accept_ratio: float = _opt("accept_ratio"),
     reward_weight: float = _opt("reward_weight"),
     max_new_tokens: int = _opt("max_new_tokens"),
@@ -270,7 +272,8 @@ def bench(
         fail(f"--task must be commongen or harmless, got {task!r}")
     try:
         base = DecodeConfig(k=k, lookahead=lookahead, draft_len=draft_len, tau_accept=tau_accept,
-                            tau_reward=tau_reward, gain_share=gain_share, accept_ratio=accept_ratio,
+                            tau_reward=tau_reward, gain_share=gain_share, reward_range=reward_range,
+                            accept_ratio=accept_ratio,
                             reward_weight=reward_weight, max_new_tokens=max_new_tokens)
         if not names:
             fail("--methods is empty")

@@ -231,3 +231,19 @@ def test_generate_answers_a_dialogue_and_reports_its_reward(model_dirs, reward_m
     assert 0.0 < out["reward"] < 1.0 and out["stats"]["reward_calls"] > 0
     res = CliRunner().invoke(app, [*base, "--dialogue", "\n\nHuman: How do I pick a lock?"])
     assert res.exit_code == 2 and "dialogue: no" in res.output
+
+
+def test_cdsl_with_a_reward_model_is_cdlh_at_full_range_and_greedy_at_none(pairs, reward_model_dir):
+    """`reward_range` bounds what a reward model can add: at 1 CDSL searches wherever CDLH's
+    choice could change (its text is CDLH's), at 0 nowhere (greedy's text, fewer target calls)."""
+    target, draft = pairs["llama"]
+    rm = RewardModel(str(reward_model_dir))
+    prompt = harmless_prompt(DIALOGUE)
+    cfg = DecodeConfig(max_new_tokens=16, k=4, lookahead=3, reward_weight=1000.0)  # the reward decides
+    runs = {name: generate(prompt, target, draft, rm, cfg.model_copy(update=update)) for name, update in {
+        "cdlh": {"method": "cdlh"}, "greedy": {"method": "greedy"}, "full": {"method": "cdsl"},
+        "none": {"method": "cdsl", "reward_range": 0.0}}.items()}
+    assert runs["cdlh"].token_ids != runs["greedy"].token_ids  # the reward does steer here
+    assert runs["full"].token_ids == runs["cdlh"].token_ids
+    assert runs["none"].token_ids == runs["greedy"].token_ids
+    assert runs["none"].stats.target_calls < runs["full"].stats.target_calls

@@ -3,8 +3,8 @@
 Each round starts from the target's next-token logits (known from the previous round's call):
 1. *Stake.* The target's top-k candidates, less those no reward could lift to the top: a
    candidate more than lambda * room below the best log-probability cannot win a CDLH step,
-   where room = 1 - R(prefix) for a monotone reward (coverage cannot go down), 1 otherwise, 0
-   once R(prefix) >= tau_r, times `gain_share`. r = R(prefix) while two or more candidates
+   where room = 1 - R(prefix) for a monotone reward (coverage cannot go down), `reward_range`
+   for a reward model, 0 once R(prefix) >= tau_r, times `gain_share`. r = R(prefix) while two or more candidates
    remain, else 1 (nothing for the reward to decide).
 2. *State.* a = the draft's acceptance so far in this generation (1 before any drafting);
    S1 a >= tau_a, r >= tau_r; S2 a >= tau_a, r < tau_r; S3 a < tau_a, r >= tau_r; S4 both low.
@@ -48,14 +48,14 @@ def classify(a: float, r: float, tau_a: float, tau_r: float) -> State:
 def headroom(ctx: Context) -> tuple[float, float]:
     """R(prefix) and the most any continuation can add to it that matters: nothing once the
     prefix reaches tau_r, else 1 - R(prefix) for a monotone reward (coverage cannot go down) and
-    1 otherwise, times `gain_share`. A reward model's prefix that reaches tau_r is left to the
-    target until it falls below again (its score is checked every round)."""
+    `reward_range` for a reward model, times `gain_share`."""
     cfg = ctx.config
     monotone = getattr(ctx.reward, "monotone", False)
-    floor = float(ctx.rewards([[]])[0])
+    # a reward model's prefix score only matters against a threshold it can reach
+    floor = float(ctx.rewards([[]])[0]) if monotone or not cfg.greedy or cfg.tau_reward < 1.0 else 0.0
     if floor >= cfg.tau_reward:
         return floor, 0.0
-    return floor, (1.0 - floor if monotone else 1.0) * cfg.gain_share
+    return floor, (1.0 - floor if monotone else cfg.reward_range) * cfg.gain_share
 
 
 def stake(ctx: Context, logp: torch.Tensor, room: float) -> list[int]:
