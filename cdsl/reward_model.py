@@ -37,6 +37,10 @@ from transformers import (
 from cdsl.rewards import RewardInput
 from cdsl.store import Run, SeqStore
 
+GROW_ALONE = 8
+"""Tokens a prompt's texts share beyond its cache from which one forward caches them first
+(below that each text feeds them itself: cheaper than another forward)."""
+
 
 class RewardConfig(LlamaConfig):
     model_type = "cdsl_reward"
@@ -173,8 +177,8 @@ class RewardModel:
         return out
 
     def _score_cached(self, prompts: list[str], ids: list[list[int]]) -> list[float]:
-        """Two batched forwards: every prompt's cache grows to the prefix its texts share, then
-        each text feeds only what follows the cached part."""
+        """One batched forward: each text feeds only what follows the longest part of it that
+        its prompt's cache holds (the prompt, and the prefix of the last call's first text)."""
         if not ids:
             return []
         try:
@@ -189,36 +193,64 @@ class RewardModel:
         groups: dict[str, list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(prompt, []).append(i)
-        grow = []
+        grown = {}
         for prompt, rows in groups.items():
             key, held = self._entry(prompt)
-            shared = ids[rows[0]][: min(len(ids[i]) for i in rows) - 1]  # every text keeps one token to feed
+            shared = ids[rows[0]][: min(len(ids[i]) for i in rows) - 1]  # every text feeds at least one token
             for i in rows[1:]:
                 shared = shared[: _common(shared, ids[i])]
             keep = _common(held, shared)
-            if len(shared) > keep:
-                grow.append(Run(key, [shared[keep:]], keep, last_only=True))
-                self.prompts[prompt] = (key, shared)
-        self._run(grow)
-        calls = []
-        for n, i in enumerate(range(len(ids))):
-            key, held = self.prompts[prompts[i]]
-            keep = min(_common(held, ids[i]), len(ids[i]) - 1)
-            calls.append(Run(f"{key}:{n}", [ids[i][keep:]], keep, fork=key if keep else None, last_only=True))
+            if len(rows) > 1 and len(shared) - keep >= GROW_ALONE:
+                grown[prompt] = (Run(self._key(), [shared[keep:]], keep, fork=key if keep else None,
+                                     last_only=True), shared)
+        self._run([run for run, _ in grown.values()])
+        for prompt, (run, shared) in grown.items():
+            self._hold(prompt, run.key, shared)
+        calls, owner = [], []
+        for prompt, rows in groups.items():
+            key, held = self.prompts[prompt]
+            # one start per prompt: its texts then feed similar widths, which batch in one forward
+            keep = min(min(_common(held, ids[i]), len(ids[i]) - 1) for i in rows)
+            for i in rows:
+                calls.append(Run(self._key(), [ids[i][keep:]], keep, fork=key if keep else None, last_only=True))
+                owner.append(i)
         try:
             logits = self._run(calls)
-        finally:
+        except BaseException:
             for call in calls:
                 self.store.release(call.key)
-            while len(self.prompts) > self.cached_prompts:  # this call's prompts are the most recent
-                key, _ = self.prompts.popitem(last=False)[1]
-                self.store.release(key)
-        return self._reward(torch.cat(logits))
+            raise
+        firsts: dict[str, int] = {}
+        for j, i in enumerate(owner):
+            firsts.setdefault(prompts[i], j)
+        for j, call in enumerate(calls):  # each prompt keeps its first text's cache: the next call shares most of it
+            if firsts[prompts[owner[j]]] == j:
+                self._hold(prompts[owner[j]], call.key, ids[owner[j]])
+            else:
+                self.store.release(call.key)
+        while len(self.prompts) > self.cached_prompts:  # this call's prompts are the most recent
+            key, _ = self.prompts.popitem(last=False)[1]
+            self.store.release(key)
+        out = [None] * len(ids)
+        for j, i in enumerate(owner):
+            out[i] = logits[j]
+        return self._reward(torch.cat(out))
+
+    def _hold(self, prompt: str, key: str, tokens: list[int]) -> None:
+        """`key`'s cache, holding `tokens`, becomes `prompt`'s; the one it replaces is freed."""
+        old, _ = self.prompts[prompt]
+        if old != key:
+            self.store.release(old)
+        self.store.compact(key)
+        self.prompts[prompt] = (key, tokens)
+
+    def _key(self) -> str:
+        self._serial += 1
+        return f"r{self._serial}"
 
     def _entry(self, prompt: str) -> tuple[str, list[int]]:
         if prompt not in self.prompts:
-            self._serial += 1
-            self.prompts[prompt] = (f"p{self._serial}", [])
+            self.prompts[prompt] = (self._key(), [])
         self.prompts.move_to_end(prompt)
         return self.prompts[prompt]
 

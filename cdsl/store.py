@@ -190,6 +190,13 @@ class SeqStore:
             self.release(key)
         return self.run(calls) if calls else []
 
+    def compact(self, key: str) -> None:
+        """Copy `key`'s cache out of the batch it was computed in: a kept view would hold the
+        whole batch's tensors alive."""
+        kv = self.caches.get(key)
+        if kv is not None:
+            self.caches[key] = [(k.clone(), v.clone()) for k, v in kv]
+
     def release(self, key: str) -> None:
         """Drop `key` and every cache forked from it (keys starting with `key` + ":")."""
         for name in [k for k in self.caches if k == key or k.startswith(key + ":")]:

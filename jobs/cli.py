@@ -82,7 +82,8 @@ def generate(
     try:
         config = DecodeConfig(method=method, k=k, lookahead=lookahead, draft_len=draft_len,
                               tau_accept=tau_accept, tau_reward=tau_reward, gain_share=gain_share,
-                              reward_range=reward_range, accept_ratio=accept_ratio, reward_weight=reward_weight,
+                              reward_range=reward_range, accept_ratio=accept_ratio,
+                              reward_weight=reward_weight,
                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         target_cfg = ModelConfig(path=target, dtype=dtype, device=device)
         draft_cfg = ModelConfig(path=draft, dtype=dtype, device=device) if method in NEEDS_DRAFT else None

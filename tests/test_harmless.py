@@ -150,7 +150,7 @@ def test_requests_share_one_reward_model_load_and_one_batch(reward_model_dir):
     hook = rm.model.base_model.register_forward_hook(lambda *_: forwards.append(1))
     try:
         together = RewardTable().execute(calls, [])
-        # one forward caches both prompts (and the prefix their candidates share), one scores all four
+        # one forward caches both prompts (with what their texts share), one scores all four texts
         assert len(forwards) == 2 and [len(s) for s in together] == [2, 2]
         alone = [RewardModel(str(reward_model_dir)).score(list(c.items)) for c in calls]
     finally:
