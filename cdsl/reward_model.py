@@ -177,12 +177,24 @@ class RewardModel:
         return out
 
     def _score_cached(self, prompts: list[str], ids: list[list[int]]) -> list[float]:
-        """One batched forward: each text feeds only what follows the longest part of it that
+        """Batched forwards in which each text feeds only what follows the longest part of it that
         its prompt's cache holds (the prompt, and the prefix of the last call's first text)."""
-        if not ids:
-            return []
+        groups: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt, []).append(i)
+        # whole prompts at a time, about `4 * batch_size` texts per forward: every text's row
+        # holds its own copy of its prompt's cache while the forward runs
+        chunks, rows = [[]], 4 * self.batch_size
+        for members in groups.values():
+            if chunks[-1] and len(chunks[-1]) + len(members) > rows:
+                chunks.append([])
+            chunks[-1].extend(members)
+        out: list[float] = [0.0] * len(ids)
         try:
-            return self._score_groups(prompts, ids)
+            for chunk in chunks:
+                for i, s in zip(chunk, self._score_groups([prompts[i] for i in chunk], [ids[i] for i in chunk])):
+                    out[i] = s
+            return out
         except BaseException:
             for key, _ in self.prompts.values():  # a failed forward may leave a cache short of its record
                 self.store.release(key)

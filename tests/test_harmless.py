@@ -247,3 +247,20 @@ def test_cdsl_with_a_reward_model_is_cdlh_at_full_range_and_greedy_at_none(pairs
     assert runs["full"].token_ids == runs["cdlh"].token_ids
     assert runs["none"].token_ids == runs["greedy"].token_ids
     assert runs["none"].stats.target_calls < runs["full"].stats.target_calls
+
+
+def test_a_large_reward_call_is_cut_into_forwards_of_whole_prompts(reward_model_dir):
+    """Many requests at once: forwards of about 4 x batch_size texts, never splitting a prompt's
+    texts, with the scores of one text at a time."""
+    rm = RewardModel(str(reward_model_dir), batch_size=2)  # 8 texts per forward
+    batch = [RewardInput(f"Q: {who} A:", f" hello there{end}") for who in "ABCDEF" for end in "!?."]
+    sizes = []
+    hook = rm.model.base_model.register_forward_hook(lambda _m, args, kw, out: sizes.append(kw["input_ids"].shape[0]),
+                                                     with_kwargs=True)
+    try:
+        scores = rm.score(batch)
+    finally:
+        hook.remove()
+    assert max(sizes) <= 8 and sum(sizes) >= len(batch)  # 18 texts in several forwards of whole prompts
+    alone = RewardModel(str(reward_model_dir), cached_prompts=0)
+    assert scores == pytest.approx([alone.score([item])[0] for item in batch], abs=1e-5)
