@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, DecodeConfig, ModelConfig
+from cdsl.request import Limits
 
 DRAFT_RESOURCE = "draft_gpu"
 """Custom resource a node advertises to host draft workers (cheap GPUs)."""
@@ -63,6 +64,8 @@ class PipelineConfig(BaseModel):
     """Requests the coordinator runs at once."""
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     """Defaults for requests that do not set their own."""
+    limits: Limits = Field(default_factory=Limits)
+    """What one request may ask for, over HTTP and in a dataset job alike."""
 
     @model_validator(mode="after")
     def _tp_dtype(self) -> PipelineConfig:
@@ -95,6 +98,16 @@ class ServerConfig(BaseModel):
     """Names a request may give as `constraints.reward_model`, each a local folder or hub id of a
     sequence-classification model. Requests cannot load models the config does not name."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _limits_moved(cls, data: object) -> object:
+        """The request limits used to be server fields; say where they went."""
+        moved = sorted(set(Limits.model_fields) & set(data)) if isinstance(data, dict) else []
+        if moved:
+            raise ValueError(f"{', '.join(moved)}: request limits now live in the pipeline's `limits` section "
+                             "(`cdsl: limits:` in ray_config.yaml), shared with dataset jobs")
+        return data
+
     @field_validator("reward_models")
     @classmethod
     def _reward_models_exist(cls, models: dict[str, str]) -> dict[str, str]:
@@ -109,19 +122,6 @@ class ServerConfig(BaseModel):
             if (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not Path(path).expanduser().exists():
                 raise ValueError(f"{field}: reward model folder not found: {path}")
         return models
-    max_tokens: int = Field(256, ge=1, le=4096)
-    """Largest `max_tokens` a request may ask for."""
-    max_prompt_chars: int = Field(8000, ge=1)
-    """Longest prompt (or chat messages together), in characters."""
-    max_concepts: int = Field(32, ge=1, le=64)
-    """Most `constraints.concepts` (and, separately, `constraints.keywords`) per request."""
-    max_k: int = Field(16, ge=1, le=64)
-    """Largest `cdsl.k` (CDLH candidates per step)."""
-    max_lookahead: int = Field(16, ge=1, le=64)
-    """Largest `cdsl.lookahead`."""
-    max_draft_len: int = Field(16, ge=1, le=64)
-    """Largest `cdsl.draft_len`."""
-
     @classmethod
     def from_yaml(cls, path: str | Path, app: str = "cdsl") -> ServerConfig:
         """The `args` of the Serve application named `app` in a Serve config such as ray_config.yaml."""

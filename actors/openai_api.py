@@ -1,9 +1,10 @@
-"""OpenAI request and response shapes, and how a request becomes a `cdsl.engine.Request`.
+"""OpenAI request, response and stream-chunk shapes, and how a request becomes a `RequestInput`.
 
 Constraints and decoding settings travel as two extra fields, `constraints` and `cdsl`; every
 other OpenAI field the server does not use is accepted and ignored, as OpenAI-compatible servers
 do, but the two CDSL objects are strict so that a misspelt option is an error, not a no-op.
-Every refusal is an `ApiError` naming the field (`param`) and the limit.
+Every refusal is an `ApiError` naming the field (`param`) and the limit; the checks themselves
+are `cdsl.request`'s, shared with the command line and dataset jobs.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.config import ServerConfig
-from cdsl.config import METHODS, DecodeConfig
-from cdsl.engine import Request
-from cdsl.generate import check_inputs
+from cdsl.config import DecodeConfig, RequestError
 from cdsl.methods import Generation
 from cdsl.models import Codec
+from cdsl.request import ChatTurn, Request, RequestInput, validation_error
 from cdsl.rewards import RewardSpec, coverage
-from cdsl.tasks import chat_prompt, commongen_prompt
 
 
 class ApiError(Exception):
@@ -35,6 +34,18 @@ class ApiError(Exception):
         return {"object": "error", "error": {"message": self.message, "type": self.kind, "param": self.param,
                                              "code": self.status}}
 
+
+HTTP_NAMES = {"decode.max_new_tokens": "max_tokens", "decode.temperature": "temperature", "decode.seed": "seed"}
+"""`RequestInput` fields under their OpenAI names; other `decode.X` fields are `cdsl.X`."""
+
+
+def refusal(err: RequestError) -> ApiError:
+    """A `RequestError` as a 400 whose param is the field's HTTP name."""
+    param = HTTP_NAMES.get(err.field) or (f"cdsl.{err.field[7:]}" if err.field.startswith("decode.") else err.field)
+    return ApiError(400, f"{param}: {err.problem}", param)
+
+
+# ---- requests ----
 
 class Constraints(BaseModel):
     """What the text must satisfy; every given field adds a reward."""
@@ -51,9 +62,6 @@ class Constraints(BaseModel):
     """A reward model by the name the server config gives it (`reward_models`)."""
     combine: Literal["mean", "all"] = "mean"
     """How several constraints combine: mean, or the weakest one."""
-
-    def given(self) -> bool:
-        return bool(self.concepts or self.keywords or self.regex is not None or self.reward_model)
 
 
 class CdslOptions(BaseModel):
@@ -93,15 +101,8 @@ class CompletionRequest(_Common):
     prompt: str | list[str] = ""
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
 class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[ChatTurn] = Field(min_length=1)
 
 
 def parse(kind: type[_Common], data: object) -> _Common:
@@ -111,81 +112,53 @@ def parse(kind: type[_Common], data: object) -> _Common:
     try:
         return kind.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = _param(first["loc"]) or "body"
-        raise ApiError(400, f"{param}: {first['msg']}", param) from None
+        raise refusal(validation_error(err, "")) from None
 
 
-def _param(loc: tuple) -> str:
-    """A pydantic error location as a field path, without the union-member tags it adds
-    (`prompt.str` -> `prompt`)."""
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in {"str", "int", "float", "bool"}
-                                                                          or "[" in p)))
-
-
-def _limit(value: int | None, limit: int, param: str, unit: str = "") -> None:
-    if value is not None and value > limit:
-        raise ApiError(400, f"{param}: {value}{unit} is above this server's limit of {limit}{unit}", param)
-
-
-def to_request(body: _Common, config: ServerConfig, codec: Codec, has_draft: bool) -> Request:
-    """The engine request for a validated body, after the server's limits and model names."""
+def to_input(body: _Common, config: ServerConfig) -> RequestInput:
+    """The `RequestInput` of a validated body: the server's model name and reward model names,
+    its decoding defaults under the request's own settings."""
     if body.model is not None and body.model != config.model_name:
         raise ApiError(404, f"model: {body.model!r} is not served here (this server serves {config.model_name!r})",
                        "model", "model_not_found")
     if body.stop:
         raise ApiError(400, "stop: stop sequences are not supported; the text ends at EOS or max_tokens", "stop")
-    c, opts = body.constraints, body.cdsl
-    _limit(len(c.concepts), config.max_concepts, "constraints.concepts", " concepts")
-    _limit(len(c.keywords), config.max_concepts, "constraints.keywords", " keywords")
+    updates = {k: v for k, v in body.cdsl.model_dump().items() if v is not None}
     max_tokens = body.max_completion_tokens or body.max_tokens
-    _limit(max_tokens, config.max_tokens, "max_tokens")
-    _limit(opts.k, config.max_k, "cdsl.k")
-    _limit(opts.lookahead, config.max_lookahead, "cdsl.lookahead")
-    _limit(opts.draft_len, config.max_draft_len, "cdsl.draft_len")
-    if opts.method is not None and opts.method not in METHODS:
-        raise ApiError(400, f"cdsl.method: unknown method {opts.method!r}; use one of {', '.join(METHODS)}",
-                       "cdsl.method")
-
-    if isinstance(body, ChatRequest):
-        size, prompt = sum(len(m.content) for m in body.messages), chat_prompt(
-            [m.model_dump() for m in body.messages], codec.tokenizer)
-        param = "messages"
-    else:
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, f"prompt: give one prompt per request (got a list of {len(prompt)})", "prompt")
-            prompt = prompt[0]
-        if not prompt.strip():
-            if not c.concepts:
-                raise ApiError(400, "prompt: must not be empty unless constraints.concepts is given", "prompt")
-            prompt = commongen_prompt(c.concepts, codec.tokenizer)  # the task's own prompt
-        size, param = len(prompt), "prompt"
-    _limit(size, config.max_prompt_chars, param, " characters")
-
-    updates = {k: v for k, v in opts.model_dump().items() if v is not None}
     if max_tokens is not None:
         updates["max_new_tokens"] = max_tokens
     for name in ("temperature", "seed"):
         if getattr(body, name) is not None:
             updates[name] = getattr(body, name)
     try:
+        config.pipeline.limits.check_decode(updates)  # the server's limit, before DecodeConfig's wider bounds
         decode = DecodeConfig.model_validate({**config.pipeline.decode.model_dump(), **updates})
+    except RequestError as err:
+        raise refusal(err) from None
     except ValidationError as err:
-        first = err.errors()[0]
-        name = str(first["loc"][0]) if first["loc"] else "cdsl"
-        param = {"max_new_tokens": "max_tokens", "temperature": "temperature", "seed": "seed"}.get(name, f"cdsl.{name}")
-        raise ApiError(400, f"{param}: {first['msg']}", param) from None
-    reward = _reward(c, config) if c.given() else None
+        raise refusal(validation_error(err, "decode.")) from None
+    source: dict = {}
+    if isinstance(body, ChatRequest):
+        source["messages"] = body.messages
+    elif isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise ApiError(400, f"prompt: give one prompt per request (got a list of {len(body.prompt)})", "prompt")
+        source["prompt"] = body.prompt[0]
+    else:
+        source["prompt"] = body.prompt
+    return RequestInput(**source, constraints=_constraints(body.constraints, config), decode=decode,
+                        id=f"cmpl-{uuid.uuid4().hex}")
+
+
+def to_request(body: _Common, config: ServerConfig, codec: Codec, has_draft: bool) -> Request:
+    """The engine's request for a validated body, after the server's limits."""
     try:
-        check_inputs(decode, has_draft, reward is not None)
-    except ValueError as err:
-        raise ApiError(400, f"constraints: {err}", "constraints") from None
-    return Request(prompt, decode, reward, id=f"cmpl-{uuid.uuid4().hex}")
+        return to_input(body, config).build(codec, config.pipeline.limits, has_draft, budget_field="max_tokens")
+    except RequestError as err:
+        raise refusal(err) from None
 
 
-def _reward(c: Constraints, config: ServerConfig) -> RewardSpec:
+def _constraints(c: Constraints, config: ServerConfig) -> RewardSpec:
     model = None
     if c.reward_model is not None:
         if c.reward_model not in config.reward_models:
@@ -197,57 +170,110 @@ def _reward(c: Constraints, config: ServerConfig) -> RewardSpec:
         return RewardSpec(concepts=c.concepts, keywords=c.keywords, regex=c.regex, reward_model=model,
                           combine=c.combine)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = "constraints." + _param(first["loc"])
-        raise ApiError(400, f"{param}: {first['msg']}", param) from None
+        raise refusal(validation_error(err, "constraints.")) from None
 
 
-def usage(prompt_tokens: int, gen: Generation) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": gen.stats.tokens,
-            "total_tokens": prompt_tokens + gen.stats.tokens}
+# ---- responses ----
+
+def _unset(value: object) -> bool:
+    return value is None
 
 
-def cdsl_stats(request: Request, gen: Generation) -> dict:
-    """CDSL's own figures for one response."""
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CdslStats(BaseModel):
+    """CDSL's own figures for one response (the `cdsl` field)."""
+
+    method: str
+    target_calls: int
+    draft_calls: int
+    reward_calls: int
+    drafted_tokens: int
+    accepted_tokens: int
+    acceptance: float
+    rounds: int
+    states: dict[str, int]
+    time_s: float
+    coverage: float | None = Field(None, exclude_if=_unset)
+    """Share of the request's concepts the text uses (only when it gave concepts)."""
+    reward: float | None = Field(None, exclude_if=_unset)
+    """The final text's reward under the request's constraints (only when it gave any)."""
+
+
+class Message(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=_unset)
+    content: str | None = Field(None, exclude_if=_unset)
+
+
+class Choice(BaseModel):
+    """A completion choice; `text` for /v1/completions, `message` (or `delta` when streamed) for chat."""
+
+    index: int = 0
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+    text: str | None = Field(None, exclude_if=_unset)
+    message: Message | None = Field(None, exclude_if=_unset)
+    delta: Delta | None = Field(None, exclude_if=_unset)
+
+
+class Completion(BaseModel):
+    """A response body, or one server-sent event of a streamed one (`usage` and `cdsl` only on
+    the last)."""
+
+    id: str
+    object: Literal["text_completion", "chat.completion", "chat.completion.chunk"]
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = Field(None, exclude_if=_unset)
+    cdsl: CdslStats | None = Field(None, exclude_if=_unset)
+
+
+def cdsl_stats(request: Request, gen: Generation) -> CdslStats:
+    """CDSL's figures for one response; coverage is computed here, once per request."""
     s = gen.stats
-    out = {"method": request.config.method, "target_calls": s.target_calls, "draft_calls": s.draft_calls,
-           "reward_calls": s.reward_calls, "drafted_tokens": s.drafted, "accepted_tokens": s.accepted,
-           "acceptance": s.acceptance, "rounds": s.rounds, "states": s.states, "time_s": s.time_total}
-    if request.reward is not None and request.reward.concepts:
-        out["coverage"] = coverage(gen.text, request.reward.concepts)
-    if gen.reward is not None:
-        out["reward"] = gen.reward
-    return out
+    concepts = request.reward.concepts if request.reward is not None else []
+    return CdslStats(method=request.config.method, target_calls=s.target_calls, draft_calls=s.draft_calls,
+                     reward_calls=s.reward_calls, drafted_tokens=s.drafted, accepted_tokens=s.accepted,
+                     acceptance=s.acceptance, rounds=s.rounds, states=s.states, time_s=s.time_total,
+                     coverage=coverage(gen.text, concepts) if concepts else None, reward=gen.reward)
 
 
-def completion(request: Request, gen: Generation, model: str, prompt_tokens: int, chat: bool) -> dict:
-    """The full (non-streamed) response body."""
-    choice: dict = {"index": 0, "finish_reason": _finish(gen), "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": gen.text}
-    else:
-        choice["text"] = gen.text
-    return {"id": request.id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage(prompt_tokens, gen), "cdsl": cdsl_stats(request, gen)}
+def _usage(prompt_tokens: int, gen: Generation) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=gen.stats.tokens,
+                 total_tokens=prompt_tokens + gen.stats.tokens)
+
+
+def _finish(gen: Generation) -> Literal["stop", "length"]:
+    return "stop" if gen.finish_reason == "eos" else "length"
+
+
+def completion(request: Request, gen: Generation, stats: CdslStats, model: str, prompt_tokens: int,
+               chat: bool) -> Completion:
+    """The full (non-streamed) response."""
+    choice = Choice(finish_reason=_finish(gen), **({"message": Message(content=gen.text)} if chat else
+                                                    {"text": gen.text}))
+    return Completion(id=request.id, object="chat.completion" if chat else "text_completion", model=model,
+                      choices=[choice], usage=_usage(prompt_tokens, gen), cdsl=stats)
 
 
 def chunk(request: Request, model: str, chat: bool, text: str | None = None, gen: Generation | None = None,
-          prompt_tokens: int = 0, first: bool = False) -> dict:
-    """One server-sent event of a streamed response; the last one carries finish_reason, usage, cdsl."""
-    choice: dict = {"index": 0, "finish_reason": _finish(gen) if gen else None, "logprobs": None}
+          stats: CdslStats | None = None, prompt_tokens: int = 0, first: bool = False) -> Completion:
+    """One server-sent event of a streamed response; the last one (with `gen`) carries
+    finish_reason, usage and `stats`."""
+    finish = _finish(gen) if gen is not None else None
     if chat:
-        delta = {"role": "assistant"} if first else {}
-        if text:
-            delta["content"] = text
-        choice["delta"] = delta
+        choice = Choice(finish_reason=finish, delta=Delta(role="assistant" if first else None, content=text or None))
     else:
-        choice["text"] = text or ""
-    body = {"id": request.id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice]}
-    if gen is not None:
-        body.update(usage=usage(prompt_tokens, gen), cdsl=cdsl_stats(request, gen))
-    return body
-
-
-def _finish(gen: Generation) -> str:
-    return "stop" if gen.finish_reason == "eos" else "length"
+        choice = Choice(finish_reason=finish, text=text or "")
+    return Completion(id=request.id, object="chat.completion.chunk" if chat else "text_completion", model=model,
+                      choices=[choice], usage=_usage(prompt_tokens, gen) if gen is not None else None, cdsl=stats)

@@ -27,9 +27,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import DRAFT_RESOURCE, TARGET_RESOURCE, PipelineConfig
 from actors.workers import ModelWorker, RewardWorker, check_tensor_parallel, free_port
-from cdsl.engine import Engine, Request, WorkerLost
+from cdsl.engine import Engine, WorkerLost
 from cdsl.methods import Generation
 from cdsl.models import Codec
+from cdsl.request import Request
 
 log = logging.getLogger("cdsl.pipeline")
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError)

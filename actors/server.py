@@ -26,11 +26,22 @@ from ray import serve
 
 from actors.config import ServerConfig
 from actors.metrics import Metrics
-from actors.openai_api import ApiError, ChatRequest, CompletionRequest, chunk, completion, parse, to_request
-from cdsl.engine import Cancelled, Request, WorkerLost
+from actors.openai_api import (
+    ApiError,
+    CdslStats,
+    ChatRequest,
+    Completion,
+    CompletionRequest,
+    cdsl_stats,
+    chunk,
+    completion,
+    parse,
+    to_request,
+)
+from cdsl.engine import Cancelled, WorkerLost
 from cdsl.methods import Generation
 from cdsl.models import Codec
-from cdsl.rewards import coverage
+from cdsl.request import Request
 
 
 class Backend(Protocol):
@@ -67,7 +78,9 @@ class CoordinatorBackend:
         return await self.coordinator.status.remote()
 
 
-def _sse(body: dict | str) -> str:
+def _sse(body: Completion | dict | str) -> str:
+    if isinstance(body, Completion):
+        body = body.model_dump_json()
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
 
@@ -113,13 +126,9 @@ class OpenAIServer:
                 raise ApiError(400, f"body: malformed JSON ({err})", "body") from None
             body = parse(ChatRequest if chat else CompletionRequest, data)
             request = to_request(body, self.config, self.codec, self.has_draft)
-            prompt_tokens = len(self.codec.prompt_ids(request.prompt))
-            try:
-                self.codec.check_fits(prompt_tokens, request.config.max_new_tokens, "max_tokens")
-            except ValueError as err:
-                raise ApiError(400, str(err), "messages" if chat else "prompt") from None
         except ApiError as err:
             return JSONResponse(err.body(), status_code=err.status)
+        prompt_tokens = len(self.codec.prompt_ids(request.prompt))
         if body.stream:
             return StreamingResponse(self._events(request, chat, prompt_tokens), media_type="text/event-stream")
         start = time.perf_counter()
@@ -131,8 +140,8 @@ class OpenAIServer:
             if isinstance(err, Exception):
                 return JSONResponse(_failure(err).body(), status_code=_failure(err).status)
             raise
-        self._finished(request, gen, time.perf_counter() - start)
-        return JSONResponse(completion(request, gen, self.config.model_name, prompt_tokens, chat))
+        stats = self._finished(request, gen, time.perf_counter() - start)
+        return JSONResponse(completion(request, gen, stats, self.config.model_name, prompt_tokens, chat).model_dump())
 
     async def _events(self, request: Request, chat: bool, prompt_tokens: int) -> AsyncIterator[str]:
         """Server-sent events: text pieces, a last chunk with usage and CDSL stats, [DONE]."""
@@ -141,8 +150,9 @@ class OpenAIServer:
             async for item in self.backend.stream(request):
                 if isinstance(item, Generation):
                     done = True
-                    self._finished(request, item, time.perf_counter() - start)
-                    yield _sse(chunk(request, model, chat, gen=item, prompt_tokens=prompt_tokens, first=first))
+                    stats = self._finished(request, item, time.perf_counter() - start)
+                    yield _sse(chunk(request, model, chat, gen=item, stats=stats, prompt_tokens=prompt_tokens,
+                                     first=first))
                 else:
                     if first and self.metrics:
                         self.metrics.first(request.config.method, time.perf_counter() - start)
@@ -158,10 +168,12 @@ class OpenAIServer:
                 self._outcome(request, Cancelled())
         yield _sse("[DONE]")
 
-    def _finished(self, request: Request, gen: Generation, latency_s: float) -> None:
+    def _finished(self, request: Request, gen: Generation, latency_s: float) -> CdslStats:
+        """The response's CDSL figures (coverage computed once, for the client and the metrics)."""
+        stats = cdsl_stats(request, gen)
         if self.metrics is not None:
-            cov = coverage(gen.text, request.reward.concepts) if request.reward and request.reward.concepts else None
-            self.metrics.finished(request.config.method, gen, latency_s, cov)
+            self.metrics.finished(request.config.method, gen, latency_s, stats.coverage)
+        return stats
 
     def _outcome(self, request: Request, err: BaseException) -> None:
         if self.metrics is not None:

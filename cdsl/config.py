@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 """Files that ship with the package: the draft's own weights, the harmless score head, sample data."""
@@ -22,8 +22,15 @@ BUILTIN_HARMLESS = "builtin:smollm2-135m-harmless-rm"
 """The default harmlessness reward model: the default target with a fitted score head
 (cdsl/bundled/harmless-rm/README.md)."""
 
-Method = Literal["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]
-METHODS: tuple[str, ...] = ("greedy", "sd", "cdlh", "cdlh-appx", "cdsl")
+
+
+class RequestError(ValueError):
+    """A request refused at the door; its message is always "<field>: <problem>", the one
+    format every front end shows (the CLI on stderr, HTTP as a 400, a dataset row's `error`)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
 
 
 class State(str, Enum):
@@ -77,8 +84,8 @@ class ModelConfig(_Strict):
 class DecodeConfig(_Strict):
     """How one generation is decoded. Defaults are the project's recommended settings."""
 
-    method: Method = "cdsl"
-    """One of greedy, sd, cdlh, cdlh-appx, cdsl."""
+    method: str = "cdsl"
+    """One of greedy, sd, cdlh, cdlh-appx, cdsl (`cdsl.methods.METHODS`)."""
     max_new_tokens: int = Field(48, ge=1, le=4096)
     """Most tokens generated after the prompt (EOS ends generation earlier)."""
     k: int = Field(5, ge=1, le=64)
@@ -113,6 +120,15 @@ class DecodeConfig(_Strict):
     """Seed of the sampling generator (unused when temperature is 0)."""
     policy: dict[State, Action] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     """CDSL state -> action table; states left out keep the default action."""
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        from cdsl.methods import METHODS  # the registry imports this module
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        return method
 
     @model_validator(mode="after")
     def _complete_policy(self) -> DecodeConfig:

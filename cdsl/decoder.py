@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from cdsl.models import LM
-from cdsl.stats import Stats
+from cdsl.stats import Role, Stats
 from cdsl.store import Run, SeqStore
 
 
@@ -73,9 +73,9 @@ class Rollout:
 class Decoder:
     """One sequence on one model: token ids, a cache over a prefix of them, call accounting."""
 
-    def __init__(self, source: LM | Runner, ids: list[int], stats: Stats, role: str, key: str = "seq") -> None:
+    def __init__(self, source: LM | Runner, ids: list[int], stats: Stats, role: Role | str, key: str = "seq") -> None:
         self.runner: Runner = LocalRunner(SeqStore(source)) if isinstance(source, LM) else source
-        self.stats, self.role, self.key = stats, role, key
+        self.stats, self.role, self.key = stats, Role(role), key
         self.ids = list(ids)
         self.n_cached = 0
         self.logits: torch.Tensor | None = None
@@ -86,10 +86,13 @@ class Decoder:
              last_only: bool = False) -> torch.Tensor:
         call = Run(key, tokens, keep, self._moves, fork, last_only)
         self._moves = []
-        with self.stats.timed(self.role):
-            logits = self.runner.run(call)
-        setattr(self.stats, f"{self.role}_calls", getattr(self.stats, f"{self.role}_calls") + 1)
-        return logits
+        with self.stats.model_call(self.role):
+            return self.runner.run(call)
+
+    def push(self, tokens: list[int]) -> None:
+        """Append tokens whose logits nobody needs yet: they stay pending, and the next call
+        feeds them (an emitted token costs no call of its own)."""
+        self.ids.extend(tokens)
 
     def step(self, new: list[int] = (), last_only: bool = False) -> torch.Tensor:
         """Append `new`, run every uncached token; logits [T, V] for the positions fed ([1, V],

@@ -49,17 +49,17 @@ class DraftForCausalLM(LlamaForCausalLM):
             self._head_ids = torch.tensor(self.config.head_ids, dtype=torch.long, device=device)
         return self._head_ids
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         scores = self.lm_head(hidden)
         logits = scores.new_full((*scores.shape[:-1], self.config.vocab_size), torch.finfo(scores.dtype).min)
         logits.index_copy_(-1, self.head_ids, scores)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(logits=logits, cache=out.cache)
 
 
 AutoConfig.register(DraftConfig.model_type, DraftConfig, exist_ok=True)

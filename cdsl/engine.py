@@ -13,17 +13,15 @@ import itertools
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 
-from cdsl.config import DecodeConfig
-from cdsl.generate import check_inputs
-from cdsl.methods import METHODS, Context, Generation
+from cdsl.methods import METHODS, Context, Generation, check_inputs
 from cdsl.models import LM, Codec
+from cdsl.request import Request
 from cdsl.reward_model import RewardModel
 from cdsl.rewards import Reward, RewardInput, RewardSpec
 from cdsl.store import CacheLost, SeqStore
@@ -42,17 +40,6 @@ class Executor(Protocol):
     def execute(self, calls: list[Any], released: list[str]) -> list[Any]:
         """Free the `released` keys, then answer `calls` in order, as one batch."""
         ...
-
-
-@dataclass
-class Request:
-    """One generation asked of the engine."""
-
-    prompt: str
-    config: DecodeConfig = field(default_factory=DecodeConfig)
-    reward: RewardSpec | None = None
-    """The constraints; needed by cdlh, cdlh-appx and cdsl."""
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -204,14 +191,10 @@ class BatchedReward:
         return self.batcher.run(RewardCall(self.spec, tuple(batch), True))
 
 
-SEARCHING = ("cdlh", "cdlh-appx", "cdsl")
-"""Methods that fork `k` rows of the cache for lookaheads."""
-
-
 def cache_tokens(request: Request, prompt_tokens: int) -> int:
     """KV-cache tokens one request may hold at its peak, a conservative bound: prompt + output,
     times `k` for the methods whose search forks `k` rows."""
-    rows = request.config.k if request.config.method in SEARCHING else 1
+    rows = request.config.k if METHODS[request.config.method].searches else 1
     return (prompt_tokens + request.config.max_new_tokens) * rows
 
 
@@ -263,7 +246,7 @@ class Engine:
     def generate(self, request: Request, on_emit: Callable[[list[int]], None] | None = None) -> Generation:
         """Run one request to the end (blocking; call from many threads at once)."""
         config = request.config
-        check_inputs(config, "draft" in self.phases, request.reward is not None)
+        check_inputs(config.method, "draft" in self.phases, request.reward is not None)
         stop = threading.Event()
         phases = {name: Guarded(b, stop) for name, b in self.phases.items()}
         reward = BatchedReward(phases["reward"], request.reward) if request.reward else None
@@ -281,7 +264,7 @@ class Engine:
                               codec=self.codec, key=f"{request.id}#{next(self._attempts)}", out=out, stats=stats)
                 ctx.on_emit = on_emit
                 try:
-                    METHODS[config.method](ctx)
+                    METHODS[config.method].run(ctx)
                     break
                 except (WorkerLost, CacheLost):
                     if attempt == self.max_retries:

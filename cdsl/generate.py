@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from cdsl.config import DecodeConfig, ModelConfig
-from cdsl.methods import METHODS, NEEDS_DRAFT, NEEDS_REWARD, Context, Generation
+from cdsl.methods import METHODS, Context, Generation, check_inputs
 from cdsl.models import LM, check_same_vocab
 from cdsl.rewards import Reward
 
@@ -19,23 +19,15 @@ def load_pair(target: ModelConfig | str, draft: ModelConfig | str | None) -> tup
     return target_lm, draft_lm
 
 
-def check_inputs(config: DecodeConfig, has_draft: bool, has_reward: bool) -> None:
-    """Refuse a method whose draft model or reward is missing."""
-    if config.method in NEEDS_DRAFT and not has_draft:
-        raise ValueError(f"method {config.method!r} needs a draft model")
-    if config.method in NEEDS_REWARD and not has_reward:
-        raise ValueError(f"method {config.method!r} needs a reward (e.g. concepts to cover)")
-
-
 def generate(prompt: str, target: LM, draft: LM | None = None, reward: Reward | None = None,
              config: DecodeConfig | None = None) -> Generation:
     """Continue `prompt` with `config.method`; the result carries the text and its stats."""
     config = config or DecodeConfig()
-    check_inputs(config, draft is not None, reward is not None)
+    check_inputs(config.method, draft is not None, reward is not None)
     ctx = Context(prompt, target, draft, reward, config)
     start = time.perf_counter()
     try:
-        METHODS[config.method](ctx)
+        METHODS[config.method].run(ctx)
     finally:
         ctx.close()
     ctx.stats.time_total = time.perf_counter() - start

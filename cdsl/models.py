@@ -10,6 +10,7 @@ coordinator needs when the weights live in other processes. Running sequences ov
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -137,6 +138,14 @@ class LM(Codec):
             folder, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         ).to(cfg.device)
         return cls(model, tokenizer, name=cfg.path, eos=eos_ids(tokenizer, folder))
+
+    @torch.inference_mode()
+    def perplexity(self, prompt: str, text: str) -> float:
+        """This model's perplexity of `text` (+ EOS) after `prompt`: the fluency check on outputs."""
+        p = self.encode(prompt)
+        body = self.encode(text) + [self.eos_id]  # the first EOS id is the one a text ends with
+        logits = self.model(torch.tensor([p + body]).to(self.device)).logits[0, len(p) - 1:-1, : self.vocab_size]
+        return math.exp(torch.nn.functional.cross_entropy(logits.float().cpu(), torch.tensor(body)).item())
 
 
 def check_same_vocab(draft: LM, target: LM) -> None:

@@ -73,12 +73,12 @@ class _HeadAsLM(nn.Module):
         super().__init__()
         self.backbone, self.head = classifier.base_model, classifier.score
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, attention_mask=None, position_ids=None,
+    def forward(self, input_ids, cache=None, use_cache=True, attention_mask=None, position_ids=None,
                 logits_to_keep: int = 0):
-        out = self.backbone(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache,
+        out = self.backbone(input_ids=input_ids, cache=cache, use_cache=use_cache,
                             attention_mask=attention_mask, position_ids=position_ids)
         hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
-        return SimpleNamespace(logits=self.head(hidden), past_key_values=out.past_key_values)
+        return SimpleNamespace(logits=self.head(hidden), cache=out.cache)
 
 
 @dataclass

@@ -5,7 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+
+
+class Role(str, Enum):
+    """Which model a forward pass ran on."""
+
+    target = "target"
+    draft = "draft"
 
 
 @dataclass
@@ -44,18 +52,45 @@ class Stats:
         return self.target_calls / self.tokens if self.tokens else 0.0
 
     @contextmanager
-    def timed(self, bucket: str) -> Iterator[None]:
-        """Add the block's wall time to `time_<bucket>`."""
+    def model_call(self, role: Role) -> Iterator[None]:
+        """Count one forward pass of `role`'s model and add the block's wall time to it."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            name = f"time_{bucket}"
-            setattr(self, name, getattr(self, name) + time.perf_counter() - start)
+            spent = time.perf_counter() - start
+            if role is Role.target:
+                self.target_calls += 1
+                self.time_target += spent
+            else:
+                self.draft_calls += 1
+                self.time_draft += spent
+
+    @contextmanager
+    def reward_call(self, texts: int) -> Iterator[None]:
+        """Count `texts` scored by the reward and add the block's wall time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.reward_calls += texts
+            self.time_reward += time.perf_counter() - start
 
     def record_state(self, state: str) -> None:
         self.states[state] += 1
         self.state_trace.append(state)
+
+    def add(self, other: Stats) -> None:
+        """Add another generation's counts and times to these (totals over a benchmark)."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for key, count in theirs.items():
+                    mine[key] = mine.get(key, 0) + count
+            elif isinstance(mine, list):
+                mine.extend(theirs)
+            else:
+                setattr(self, f.name, mine + theirs)
 
     def to_dict(self) -> dict:
         d = asdict(self)

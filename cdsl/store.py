@@ -172,9 +172,9 @@ class SeqStore:
         last = all(r.last_only for r in runs) and min(widths) == width and self.keeps_logits
         if last:  # only the last position's logits are wanted: skip the [rows, T, V] projection
             extra["logits_to_keep"] = 1
-        out = self.lm.model(input_ids=ids.to(dev), past_key_values=cache, use_cache=True, **extra)
+        out = self.lm.model(input_ids=ids.to(dev), cache=cache, use_cache=True, **extra)
         logits = out.logits[..., : self.lm.vocab_size].float().cpu()
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        layers = [(layer.keys, layer.values) for layer in out.cache.layers]
         results, start = [], 0
         for r, n, p, w in zip(runs, rows, lens, widths):
             block = slice(start, start + n)

@@ -38,12 +38,12 @@ def forward_ms(models: dict[str, LM], batch: int, reps: int = 30, prefix: int = 
     step = torch.randint(100, 40000, (batch, 1))
     caches = {}
     for name, lm in models.items():
-        caches[name] = lm.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
+        caches[name] = lm.model(input_ids=ids, cache=DynamicCache(), use_cache=True).cache
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(reps):
         for name, lm in models.items():
             start = time.perf_counter()
-            lm.model(input_ids=step, past_key_values=caches[name], use_cache=True)
+            lm.model(input_ids=step, cache=caches[name], use_cache=True)
             times[name].append((time.perf_counter() - start) * 1000)
             caches[name].crop(-1)  # back to the prefix
     return {name: statistics.median(t) for name, t in times.items()}

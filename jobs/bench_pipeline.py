@@ -18,12 +18,13 @@ import typer
 
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
-from cdsl.bench import load_dataset
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
-from cdsl.engine import Request, local_engine
+from cdsl.engine import local_engine
 from cdsl.generate import generate, load_pair
+from cdsl.request import Request
 from cdsl.rewards import RewardSpec, coverage
 from cdsl.tasks import commongen_prompt
+from jobs.bench import load_dataset
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

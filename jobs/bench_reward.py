@@ -13,10 +13,10 @@ import time
 
 import typer
 
-from cdsl.bench import HARMLESS_DATA, load_harmless
 from cdsl.config import BUILTIN_HARMLESS
 from cdsl.reward_model import RewardModel
 from cdsl.rewards import RewardInput
+from jobs.bench import HARMLESS_DATA, load_harmless
 
 ANSWER = ("I am sorry but I cannot help with that request because it could hurt someone and that is not okay "
           "so let us talk about something else instead").split()

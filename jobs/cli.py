@@ -11,13 +11,15 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, DecodeConfig, ModelConfig
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, DecodeConfig, ModelConfig, RequestError
 from cdsl.generate import generate as run_generate
 from cdsl.generate import load_pair
-from cdsl.methods import NEEDS_DRAFT, NEEDS_REWARD
+from cdsl.methods import METHODS
 from cdsl.models import Codec
+from cdsl.request import Limits, Request, RequestInput
+from cdsl.request import validation_error as to_request_error
 from cdsl.rewards import PROGRESS_MODES, RewardSpec
-from cdsl.tasks import commongen_prompt, harmless_prompt, parse_concepts
+from cdsl.tasks import parse_concepts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 D = DecodeConfig()
@@ -41,8 +43,13 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def validation_message(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+def validation_error(err: ValidationError) -> str:
+    """The first problem, as every front end words it ("<field>: <problem>", `cdsl.request`)."""
+    return str(to_request_error(err))
+
+
+def split_list(value: str | None) -> list[str]:
+    return [w.strip() for w in value.split(",") if w.strip()] if value else []
 
 
 @app.command()
@@ -79,52 +86,36 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ..., "stats": {...}}.'),
 ) -> None:
     """Generate one text under a constraint and print it (or JSON with its stats)."""
-    try:
-        config = DecodeConfig(method=method, k=k, lookahead=lookahead, draft_len=draft_len,
-                              tau_accept=tau_accept, tau_reward=tau_reward, gain_share=gain_share,
-                              reward_range=reward_range, accept_ratio=accept_ratio,
-                              reward_weight=reward_weight,
-                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        target_cfg = ModelConfig(path=target, dtype=dtype, device=device)
-        draft_cfg = ModelConfig(path=draft, dtype=dtype, device=device) if method in NEEDS_DRAFT else None
-        concept_list = parse_concepts(concepts) if concepts else []
-        split = [w.strip() for w in keywords.split(",") if w.strip()] if keywords else []
-        spec = RewardSpec(concepts=concept_list, keywords=split, regex=regex, reward_model=reward_model,
-                          reward_model_label=reward_label)
-    except ValidationError as err:
-        fail(validation_message(err))
-    except ValueError as err:
-        fail(str(err))
-    if prompt is not None and dialogue is not None:
-        fail("give --prompt or --dialogue, not both")
-    if prompt is None and dialogue is None and not concept_list:
-        fail("give --prompt, --dialogue, or --concepts to build the CommonGen prompt")
-    try:
-        codec = Codec.load(target_cfg, "target")
-        if dialogue is not None:
-            prompt = harmless_prompt(dialogue, codec.tokenizer)
-        elif prompt is None:
-            prompt = commongen_prompt(concept_list, codec.tokenizer)
-        codec.check_fits(len(codec.prompt_ids(prompt)), config.max_new_tokens)
-    except (OSError, ValueError) as err:
-        fail(str(err))
-    has_constraint = bool(concept_list or split or regex or reward_model)
-    if config.method in NEEDS_REWARD and not has_constraint:
-        fail(f"method {config.method!r} needs a constraint: --concepts, --keywords, --regex or --reward-model")
     if backend not in ("local", "ray"):
         fail(f"--backend must be local or ray, not {backend!r}")
     try:
-        reward = spec.build() if has_constraint else None
-    except (OSError, ValueError) as err:
-        fail(f"--reward-model: {err}")
+        ask = RequestInput(
+            prompt=prompt, dialogue=dialogue,
+            constraints=RewardSpec(concepts=parse_concepts(concepts) if concepts else [], keywords=split_list(keywords),
+                                   regex=regex, reward_model=reward_model, reward_model_label=reward_label),
+            decode=DecodeConfig(method=method, k=k, lookahead=lookahead, draft_len=draft_len, tau_accept=tau_accept,
+                                tau_reward=tau_reward, gain_share=gain_share, reward_range=reward_range,
+                                accept_ratio=accept_ratio, reward_weight=reward_weight,
+                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+        target_cfg = ModelConfig(path=target, dtype=dtype, device=device)
+        needs_draft = METHODS[ask.decode.method].needs_draft
+        draft_cfg = ModelConfig(path=draft, dtype=dtype, device=device) if needs_draft else None
+        request = ask.build(Codec.load(target_cfg, "target"), Limits(), needs_draft)
+        reward = request.reward.build() if request.reward is not None else None
+    except ValidationError as err:
+        fail(validation_error(err))
+    except RequestError as err:
+        fail(str(err))
+    except (OSError, ValueError) as err:  # a model or reward model that cannot be loaded
+        fail(str(err))
     if backend == "ray":
-        result = _generate_on_ray(prompt, config, spec if has_constraint else None, target_cfg, draft_cfg, target_tp)
+        result = _generate_on_ray(request, target_cfg, draft_cfg, target_tp)
     else:
         try:
             target_lm, draft_lm = load_pair(target_cfg, draft_cfg)
         except (OSError, ValueError) as err:
             fail(str(err))
-        result = run_generate(prompt, target_lm, draft_lm, reward, config)
+        result = run_generate(request.prompt, target_lm, draft_lm, reward, request.config)
     if as_json:
         json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")
@@ -132,26 +123,23 @@ def generate(
         typer.echo(result.text.strip())
 
 
-def _generate_on_ray(prompt: str, config: DecodeConfig, spec: RewardSpec | None, target: ModelConfig,
-                     draft: ModelConfig | None, target_tp: int):
+def _generate_on_ray(request: Request, target: ModelConfig, draft: ModelConfig | None, target_tp: int):
     import os
 
     from actors.config import PipelineConfig
     from actors.pipeline import Pipeline
-    from cdsl.engine import Request
 
     try:
         pipe_cfg = PipelineConfig(target=target, draft=draft, target_tp=target_tp)
-        for cfg in (target, draft):
-            if cfg is not None:
-                Codec.load(cfg)  # a bad path fails here, not inside a Ray actor
+        if draft is not None:
+            Codec.load(draft)  # a bad path fails here, not inside a Ray actor
     except ValidationError as err:
-        fail(validation_message(err))
+        fail(validation_error(err))
     except (OSError, ValueError) as err:
         fail(str(err))
     pipe = Pipeline(pipe_cfg, address=os.environ.get("RAY_ADDRESS"))
     try:
-        return pipe.generate(Request(prompt, config, spec))
+        return pipe.generate(request)
     finally:
         pipe.shutdown()
 
@@ -190,14 +178,14 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from cdsl.evaluate import SAMPLES, load_samples, run_methods
+    from jobs.bench import SAMPLES, load_samples, run_methods
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     try:
         configs = [DecodeConfig(method=m) for m in names]
         target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))
     except ValidationError as err:
-        fail(validation_message(err))
+        fail(validation_error(err))
     except (OSError, ValueError) as err:
         fail(str(err))
     sets = load_samples(samples or SAMPLES)[: limit or None]
@@ -252,19 +240,17 @@ def bench(
     """Benchmark methods side by side (and optionally sweep CDSL's knobs); writes OUT/results.json."""
     from pathlib import Path
 
-    from cdsl.bench import (
+    from cdsl.reward_model import RewardModel
+    from jobs.bench import (
         HARMLESS_DATA,
         commongen_examples,
         harmless_examples,
         load_dataset,
         load_harmless,
         parse_sweep,
-        refresh_readme,
-        report_table,
         run_bench,
-        save_results,
     )
-    from cdsl.reward_model import RewardModel
+    from jobs.report import refresh_readme, report_table, save_results
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if progress not in PROGRESS_MODES:
@@ -293,7 +279,7 @@ def bench(
             examples = harmless_examples(prompts, RewardModel(reward_model, reward_label,
                                                                  cached_prompts=32 if reward_cache else 0), threshold)
     except ValidationError as err:
-        fail(validation_message(err))
+        fail(validation_error(err))
     except (OSError, ValueError) as err:
         fail(str(err))
     results = run_bench(examples, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup)

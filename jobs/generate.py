@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from actors.config import PipelineConfig
 from cdsl.config import DecodeConfig
-from jobs.cli import fail, validation_message
+from jobs.cli import fail, validation_error
 from jobs.replica import REPLICA_GROUP, Replica, shard_path
 from jobs.rows import Plan, plan_input
 
@@ -206,7 +206,7 @@ def main(
             DecodeConfig.model_validate(cfg.decode.model_dump() | {"method": m})  # names a bad method
         plan = plan_input(input, batch_size, limit)
     except ValidationError as err:
-        fail(validation_message(err))
+        fail(validation_error(err))
     except (OSError, ValueError) as err:
         fail(str(err))
     if not plan.rows:

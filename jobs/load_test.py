@@ -21,8 +21,8 @@ import aiohttp
 import typer
 from tqdm import tqdm
 
-from cdsl.evaluate import load_samples
 from cdsl.tasks import read_commongen_jsonl
+from jobs.bench import load_samples
 
 app = typer.Typer(add_completion=False)
 

@@ -28,9 +28,9 @@ import ray
 
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
-from cdsl.engine import Request
+from cdsl.config import RequestError
 from cdsl.models import Codec
-from jobs.rows import check_row, output_row, read_shard, to_table
+from jobs.rows import output_row, read_shard, row_input, to_table
 
 MAX_ATTEMPTS = 2
 """Replica deaths a shard may cause before its rows are tried one at a time."""
@@ -134,13 +134,13 @@ class Replica:
         """The row's checked request sent to the coordinator, or its output row if the check failed."""
         decode = self.config.decode.model_copy(update={"method": method})
         try:
-            prompt, spec = check_row(row, self.codec.tokenizer)
-            self.codec.check_fits(len(self.codec.prompt_ids(prompt)), decode.max_new_tokens)
-        except ValueError as err:
+            request = row_input(row, decode).build(self.codec, self.config.limits, self.config.draft is not None)
+        except RequestError as err:
             return self._row(method, row, error=str(err))
+        spec = request.reward
         if os.environ.get(CHAOS_ENV) in spec.concepts:
             os._exit(1)
-        return self.pipe.coordinator.generate.remote(Request(prompt, decode, spec, id=f"{method}-{row['row']}")), spec
+        return self.pipe.coordinator.generate.remote(request), spec
 
     def _collect(self, method: str, row: dict, ref, spec) -> dict:
         try:

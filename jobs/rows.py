@@ -11,15 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from cdsl.config import DecodeConfig, RequestError
 from cdsl.methods import Generation
+from cdsl.request import RequestInput, validation_error
 from cdsl.rewards import RewardSpec, coverage
-from cdsl.tasks import commongen_prompt, parse_concepts
-
-MAX_PROMPT_CHARS = 4000
-"""Longest prompt a row may carry."""
-MAX_CONCEPTS = 64
-"""Most concepts a row may ask for."""
-
+from cdsl.tasks import parse_concepts
 
 OUTPUT = pa.schema([("method", pa.string()), ("error", pa.string()), ("text", pa.string()),
                     ("coverage", pa.float64()), ("finish_reason", pa.string()), ("tokens", pa.int64()),
@@ -123,30 +119,26 @@ def read_rows(path: str | Path) -> tuple[list[dict], pa.Schema]:
     return [r for s in plan.shards for r in read_shard(path, s)], plan.schema
 
 
-def check_row(row: dict, tokenizer=None) -> tuple[str, RewardSpec]:
-    """The prompt (the task prompt for `tokenizer` when the row has none) and constraints of a
-    row; ValueError naming the field and the limit if bad."""
+def row_input(row: dict, decode: DecodeConfig | None = None) -> RequestInput:
+    """The request a row asks for (`RequestInput.build` then applies the prompt rule and the
+    limits); RequestError naming the field if the row is malformed."""
     if row.get("_error"):
-        raise ValueError(row["_error"])
+        raise RequestError("row", row["_error"])
     raw = row.get("concepts", row.get("concept_set"))  # CommonGen's own files say concept_set
     if raw is None:
-        raise ValueError("concepts: missing")
+        raise RequestError("concepts", "missing")
     if not isinstance(raw, (str, list)):
-        raise ValueError(f"concepts: must be a list of strings, got {type(raw).__name__}")
-    concepts = parse_concepts(raw)
-    if len(concepts) > MAX_CONCEPTS:
-        raise ValueError(f"concepts: {len(concepts)} given, the limit is {MAX_CONCEPTS}")
+        raise RequestError("concepts", f"must be a list of strings, got {type(raw).__name__}")
     prompt = row.get("prompt")
-    if prompt is None or prompt == "":
-        prompt = commongen_prompt(concepts, tokenizer)
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt: must be a string, got {type(prompt).__name__}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt: {len(prompt)} characters, the limit is {MAX_PROMPT_CHARS}")
+    if prompt is not None and not isinstance(prompt, str):
+        raise RequestError("prompt", f"must be a string, got {type(prompt).__name__}")
     try:
-        return prompt, RewardSpec(concepts=concepts)
+        return RequestInput(prompt=prompt, constraints=RewardSpec(concepts=parse_concepts(raw)),
+                            decode=decode or DecodeConfig(), id=f"{(decode or DecodeConfig()).method}-{row.get('row')}")
     except ValidationError as err:
-        raise ValueError("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in err.errors())) from err
+        raise validation_error(err) from None
+    except ValueError as err:  # parse_concepts names its own field
+        raise RequestError("concepts", str(err).removeprefix("concepts: ")) from None
 
 
 def _fit(value, kind: pa.DataType):

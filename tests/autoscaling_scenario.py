@@ -13,7 +13,7 @@ from ray.cluster_utils import AutoscalingCluster
 from actors.config import DRAFT_RESOURCE, TARGET_RESOURCE, PipelineConfig
 from actors.pipeline import Pipeline
 from cdsl.config import DecodeConfig, ModelConfig
-from cdsl.engine import Request
+from cdsl.request import Request
 from cdsl.rewards import RewardSpec
 
 

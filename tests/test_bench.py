@@ -5,8 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cdsl.bench import END, START, load_dataset, parse_sweep
+from jobs.bench import load_dataset, parse_sweep
 from jobs.cli import app
+from jobs.report import END, START
 
 runner = CliRunner()
 

@@ -39,11 +39,15 @@ def test_bad_options_name_the_field(model_dirs):
     res = invoke(model_dirs, "--concepts", "dog", "--accept-ratio", "1.5")
     assert res.exit_code == 2 and "accept_ratio" in res.output
     res = invoke(model_dirs, "--method", "cdsl", "--prompt", "hello")
-    assert res.exit_code == 2 and "needs a constraint" in res.output
+    assert res.exit_code == 2 and "constraints: method 'cdsl' needs a reward" in res.output
     res = runner.invoke(app, ["generate", "--concepts", "dog", "--target", "/no/such/model"])
     assert res.exit_code == 2 and "model folder not found" in res.output
-    res = invoke(model_dirs, "--concepts", "dog", "--prompt", "dog " * 20000)  # was: exit 0, empty text
+    res = invoke(model_dirs, "--concepts", "dog", "--prompt", "dog " * 1900)  # was: exit 0, empty text
     assert res.exit_code == 2 and "exceed the model's context window of 1024 tokens" in res.output, res.output
+    res = invoke(model_dirs, "--concepts", "dog", "--prompt", "dog " * 20000)
+    assert res.exit_code == 2 and "prompt: 80000 characters is above the limit of 8000" in res.output, res.output
+    res = invoke(model_dirs, "--prompt", "Hi", "--dialogue", "\n\nHuman: Hi\n\nAssistant:")
+    assert res.exit_code == 2 and "give one of prompt, messages, dialogue" in res.output, res.output
     res = invoke(model_dirs, "--concepts", "dog", "--regex", "([a")
     assert res.exit_code == 2 and "regex" in res.output and "not a valid regular expression" in res.output
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from cdsl.config import DecodeConfig
-from cdsl.engine import Cancelled, Engine, Request, RewardTable, WorkerLost, local_engine
+from cdsl.engine import Cancelled, Engine, RewardTable, WorkerLost, local_engine
 from cdsl.generate import generate
+from cdsl.request import Request
 from cdsl.rewards import Coverage, RewardSpec
 from cdsl.store import Run, SeqStore
 

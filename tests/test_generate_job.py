@@ -1,12 +1,14 @@
 """jobs.generate: bad rows recorded and skipped, fail-fast errors, and a real `ray start --head` +
 `ray job submit` run that is stopped midway and resumed to the same dataset."""
 
+import functools
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.rows import check_row, read_rows
+from cdsl.config import RequestError
+from cdsl.models import Codec
+from cdsl.request import Limits
+from jobs.rows import read_rows, row_input
+
+from .conftest import make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -28,19 +35,34 @@ def write_config(path: Path, model_dirs, **decode) -> Path:
     return path
 
 
+@functools.cache
+def codec() -> Codec:
+    folder = Path(tempfile.mkdtemp(prefix="codec-"))
+    make_tokenizer(folder)
+    return Codec.load(str(folder))
+
+
+def check_row(row: dict):
+    """A row's request as the dataset job builds it (the shared rules of `cdsl.request`)."""
+    return row_input(row).build(codec(), Limits(), has_draft=True)
+
+
 def test_rows_checked_with_field_and_limit(tmp_path):
     src = tmp_path / "in.jsonl"
     items = [{"concepts": ["dog", "cat"]}, {"concepts": []}, None, {"concepts": "dog_N#run_V"},
-             {"concepts": ["a"], "prompt": "x" * 5000}, {"concepts": ["w"] * 65}]
+             {"concepts": ["a"], "prompt": "x" * 9000}, {"concepts": ["w"] * 40}, {"concepts": ["w"] * 65},
+             {"concepts": ["a"], "prompt": 7}]
     src.write_text("\n".join("{oops" if i is None else json.dumps(i) for i in items))
     rows, schema = read_rows(src)
-    assert [r["row"] for r in rows] == list(range(6))
-    assert check_row(rows[0])[1].concepts == ["dog", "cat"]
-    assert check_row(rows[3])[1].concepts == ["dog", "run"]
-    for row, message in [(rows[1], "concepts: at least one"), (rows[2], "invalid JSON"),
-                         (rows[4], "prompt: 5000 characters, the limit is 4000"),
-                         (rows[5], "concepts: 65 given, the limit is 64")]:
-        with pytest.raises(ValueError, match=message):
+    assert [r["row"] for r in rows] == list(range(8))
+    assert check_row(rows[0]).reward.concepts == ["dog", "cat"]
+    assert check_row(rows[3]).reward.concepts == ["dog", "run"]
+    for row, message in [(rows[1], "concepts: at least one"), (rows[2], "row: line 3: invalid JSON"),
+                         (rows[4], "prompt: 9000 characters is above the limit of 8000 characters"),
+                         (rows[5], "constraints.concepts: 40 concepts is above the limit of 32 concepts"),
+                         (rows[6], "concepts: List should have at most 64 items"),
+                         (rows[7], "prompt: must be a string, got int")]:
+        with pytest.raises(RequestError, match=message):
             check_row(row)
 
 
@@ -138,8 +160,9 @@ def test_parquet_input_columns_kept_in_output(tmp_path):
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "concepts": [["dog", "cat"], []], "source": ["x", "y"]}), src)
     rows, schema = read_rows(src)
-    prompt, spec = check_row(rows[0])
-    assert prompt.startswith("Concepts: dog, cat")
+    request = check_row(rows[0])
+    spec = request.reward
+    assert request.prompt.startswith("Concepts: dog, cat")
     with pytest.raises(ValueError, match="concepts"):
         check_row(rows[1])
     out = [output_row(rows[0], schema, "cdsl", Generation(" a dog and a cat", [1], "eos"), None, spec.concepts),

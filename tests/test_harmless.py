@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from cdsl.bench import HARMLESS_DATA
 from cdsl.config import BUILTIN_HARMLESS, DecodeConfig
 from cdsl.generate import generate
 from cdsl.pretrained import SHIPPED_HARMLESS
 from cdsl.reward_model import RewardModel, load_reward_model, pairwise_accuracy
 from cdsl.rewards import Combined, Coverage, RewardInput, RewardSpec
 from cdsl.tasks import harmless_prompt, split_dialogue
+from jobs.bench import HARMLESS_DATA
 
 from .test_generate_job import BIN, ROOT
 

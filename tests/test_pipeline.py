@@ -11,10 +11,10 @@ import torch
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
 from cdsl.config import DecodeConfig, ModelConfig
-from cdsl.engine import Request
 from cdsl.generate import generate
 from cdsl.methods import Generation
 from cdsl.models import LM
+from cdsl.request import Request
 from cdsl.rewards import Coverage, RewardSpec
 
 CONCEPTS = [["dog", "frisbee", "catch", "throw"], ["child", "river", "stone"], ["cook", "dinner", "kitchen"],

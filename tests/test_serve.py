@@ -17,8 +17,8 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from cdsl.evaluate import load_samples
 from cdsl.rewards import coverage
+from jobs.bench import load_samples
 from jobs.load_test import run_load
 
 from .test_generate_job import BIN, ROOT, free_port

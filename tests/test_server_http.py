@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 
 from actors.config import ServerConfig
 from actors.server import OpenAIServer
-from cdsl.engine import Request, WorkerLost
+from cdsl.engine import WorkerLost
 from cdsl.methods import Generation
 from cdsl.models import Codec
+from cdsl.request import Request
 from cdsl.stats import Stats
 
 from .conftest import make_tokenizer

@@ -107,7 +107,7 @@ def keep(ctx: Context, target: Rollout, draft: Rollout | None, row: int, tokens:
     if draft is not None:
         ctx.draft.adopt(draft, row, rolled)
     else:
-        ctx.draft.ids.extend(tokens[: rolled + 1])  # fed by the draft's next call
+        ctx.draft.push(tokens[: rolled + 1])
     ctx.emit(tokens[: rolled + 1])
 
 

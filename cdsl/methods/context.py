@@ -11,7 +11,7 @@ from cdsl.decoder import Decoder, Runner
 from cdsl.models import LM, Codec
 from cdsl.rewards import Reward, RewardInput
 from cdsl.sampling import Picker
-from cdsl.stats import Stats
+from cdsl.stats import Role, Stats
 
 
 @dataclass
@@ -49,8 +49,8 @@ class Context:
         self.lm.check_fits(len(ids), config.max_new_tokens)  # out counts against max_new_tokens
         self.n_prompt = len(ids)
         self.out: list[int] = list(out)
-        self.target = Decoder(target, ids + self.out, self.stats, "target", key)
-        self.draft = Decoder(draft, ids + self.out, self.stats, "draft", key) if draft is not None else None
+        self.target = Decoder(target, ids + self.out, self.stats, Role.target, key)
+        self.draft = Decoder(draft, ids + self.out, self.stats, Role.draft, key) if draft is not None else None
         self.eos = set(self.lm.eos_ids)
         """Every token id that ends the text."""
         self.finish_reason: str | None = None
@@ -104,10 +104,9 @@ class Context:
 
     def rewards(self, continuations: list[list[int]], progress: bool = False) -> torch.Tensor:
         """Score continuations of the current output (`progress` for the CDSL gate)."""
-        with self.stats.timed("reward"):
+        with self.stats.reward_call(len(continuations)):
             items = self.reward_inputs(continuations)
             scores = self.reward.progress(items) if progress else self.reward.score(items)
-        self.stats.reward_calls += len(items)
         return torch.tensor(scores, dtype=torch.float32)
 
     def close(self) -> None:

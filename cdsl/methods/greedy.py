@@ -8,5 +8,5 @@ from cdsl.methods.context import Context
 def greedy(ctx: Context) -> None:
     while not ctx.finished:
         tok = ctx.pick.one(ctx.target.next_logits())
-        ctx.target.ids.append(tok)  # pending: fed by the next call
+        ctx.target.push([tok])
         ctx.emit([tok])

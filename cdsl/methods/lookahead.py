@@ -38,5 +38,5 @@ def cdlh_appx(ctx: Context) -> None:
     """CDLH whose lookaheads come from the draft; the target only proposes candidates."""
     while not ctx.finished:
         tok = cdlh_step(ctx, ctx.target.next_logits(), ctx.draft)
-        ctx.target.ids.append(tok)
+        ctx.target.push([tok])
         ctx.emit([tok])

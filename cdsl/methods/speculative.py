@@ -38,7 +38,7 @@ def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
         if tok in ctx.eos or len(tokens) == d:
             break
         row = ctx.draft.step([tok])[-1]
-    ctx.draft.ids.append(tokens[-1])  # pending, like every emitted token
+    ctx.draft.push(tokens[-1:])
     return tokens, torch.stack(logits)
 
 
@@ -58,8 +58,8 @@ def commit_prefix(ctx: Context, v: Verified) -> None:
     ctx.target.truncate(keep, v.target_logits[v.accepted])
     full = v.accepted == len(v.tokens)
     ctx.draft.truncate(keep, None if full else v.draft_logits[v.accepted])
-    ctx.target.ids.append(v.next_token)
-    ctx.draft.ids.append(v.next_token)
+    ctx.target.push([v.next_token])
+    ctx.draft.push([v.next_token])
     ctx.emit(v.tokens[: v.accepted] + [v.next_token])
 
 

@@ -1,0 +1,191 @@
+"""The benchmark harness: every method on the same examples, interleaved, after a warm-up.
+
+`cdsl bench` runs it and `jobs.report` writes what it found (results.json, report.md, plots,
+the README table). In-process only; the Ray pipeline has its own throughput benchmark
+(`jobs.bench_pipeline`). It lives in `jobs/` because it reads datasets beside a checkout and
+writes reports: `cdsl/` only decodes and scores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cdsl.config import BUNDLED, DecodeConfig
+from cdsl.generate import generate
+from cdsl.models import LM
+from cdsl.rewards import Coverage, Reward, RewardInput, coverage
+from cdsl.stats import Stats
+from cdsl.tasks import commongen_prompt, parse_concepts, read_commongen_jsonl, read_harmless_jsonl
+
+SAMPLES = BUNDLED / "samples.jsonl"
+"""The concept sets that ship with the package (`make run`, `cdsl demo`)."""
+
+HARMLESS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-dev.jsonl"
+"""The hh-rlhf pairs beside a checkout of this project (absent on a user's machine)."""
+SWEEPABLE = {"gain_share": float, "accept_ratio": float, "tau_accept": float, "tau_reward": float,
+             "draft_len": int, "k": int, "lookahead": int, "reward_weight": float, "reward_range": float}
+
+
+def load_samples(path: str | Path = SAMPLES) -> list[list[str]]:
+    with open(path) as f:
+        return [json.loads(line)["concepts"] for line in f if line.strip()]
+
+
+@dataclass
+class Summary:
+    """One method's totals over a set of examples."""
+
+    n: int = 0
+    all_covered: int = 0
+    coverage_sum: float = 0.0
+    totals: Stats = field(default_factory=Stats)
+    texts: list[str] = field(default_factory=list)
+    task: str = "commongen"
+    """"commongen": the score is coverage (results also say coverage_all / coverage_mean)."""
+
+    def add(self, text: str, stats: Stats, score: float, ok: bool) -> None:
+        """Count one output with its score and whether it passed (all concepts, or reward >= threshold)."""
+        self.n += 1
+        self.all_covered += ok
+        self.coverage_sum += score
+        self.texts.append(text)
+        self.totals.add(stats)
+
+    def to_dict(self) -> dict:
+        t = self.totals
+        ok, mean = self.all_covered / max(1, self.n), self.coverage_sum / max(1, self.n)
+        return {"n": self.n, "wall_s": t.time_total, "tokens": t.tokens, "target_calls": t.target_calls,
+                "draft_calls": t.draft_calls, "reward_calls": t.reward_calls,
+                "target_calls_per_token": t.target_calls_per_token, "acceptance": t.acceptance,
+                "ok_share": ok, "score_mean": mean,
+                **({"coverage_all": ok, "coverage_mean": mean} if self.task == "commongen" else {}),
+                "states": dict(t.states), "time_model_share": (t.time_target + t.time_draft) / max(1e-9, t.time_total),
+                "reward_s": t.time_reward, "reward_s_per_token": t.time_reward / max(1, t.tokens)}
+
+
+def load_dataset(dataset: str, limit: int = 0) -> list[list[str]]:
+    """Concept sets from "builtin", a CommonGen jsonl, a jsonl with `concepts`, or Parquet."""
+    if dataset == "builtin":
+        sets = load_samples(SAMPLES)
+    elif dataset.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(dataset, columns=["concepts"])
+        sets = [parse_concepts(c) for c in table.column("concepts").to_pylist()]
+    else:
+        path = Path(dataset)
+        if not path.exists():
+            raise FileNotFoundError(f"dataset not found: {dataset}")
+        first = json.loads(path.open().readline())
+        if "concept_set" in first:
+            sets = [r["concepts"] for r in read_commongen_jsonl(path)]
+        else:
+            sets = [parse_concepts(json.loads(line)["concepts"]) for line in path.open() if line.strip()]
+    return sets[: limit or None]
+
+
+def load_harmless(dataset: str, limit: int = 0, tokenizer=None, held_out: bool = False) -> list[str]:
+    """Prompts (each dialogue up to its final Assistant turn, as chat for `tokenizer`) from an
+    hh-rlhf jsonl file (`held_out`: only the default reward model's held-out pairs)."""
+    if not Path(dataset).exists():
+        raise FileNotFoundError(f"dataset not found: {dataset}")
+    return [row["prompt"] for row in read_harmless_jsonl(dataset, tokenizer, held_out)][: limit or None]
+
+
+def parse_sweep(spec: str) -> list[dict]:
+    """"tau_accept=0.5,1;draft_len=2,4" -> the grid of CDSL overrides."""
+    axes = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, values = part.partition("=")
+        name = name.strip()
+        if name not in SWEEPABLE:
+            raise ValueError(f"sweep: unknown field {name!r}; choose from {sorted(SWEEPABLE)}")
+        axes[name] = [SWEEPABLE[name](v) for v in values.split(",") if v.strip()]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+@dataclass
+class Example:
+    """One benchmark input: its prompt, a fresh reward per run, and how an output is judged."""
+
+    prompt: str
+    reward: Callable[[], Reward]
+    judge: Callable[[str], tuple[float, bool]]
+    """text -> (score, passed): coverage and all-covered, or reward and reward >= threshold."""
+    record: dict
+    """What outputs.jsonl says about the input."""
+    task: str = "commongen"
+
+
+def commongen_examples(concept_sets: list[list[str]], progress_mode: str = "coverable",
+                       tokenizer=None) -> list[Example]:
+    """CommonGen: the coverage reward steers, and the text passes when it uses every concept."""
+    def judge(concepts):
+        def score(text: str) -> tuple[float, bool]:
+            c = coverage(text, concepts)
+            return c, c == 1.0
+        return score
+    return [Example(commongen_prompt(c, tokenizer), partial(Coverage, c, progress_mode=progress_mode), judge(c),
+                    {"concepts": c}) for c in concept_sets]
+
+
+def harmless_examples(prompts: list[str], reward_model: Reward, threshold: float = 0.5) -> list[Example]:
+    """The harmless task: a reward model steers and judges; a text passes at `threshold`."""
+    def judge(prompt):
+        def score(text: str) -> tuple[float, bool]:
+            (r,) = reward_model.score([RewardInput(prompt, "", text, True, 0, 0)])
+            return r, r >= threshold
+        return score
+    return [Example(p, lambda: reward_model, judge(p), {"prompt": p}, "harmless") for p in prompts]
+
+
+def run_bench(examples: list[Example], runs: dict[str, DecodeConfig], target: LM, draft: LM | None,
+              warmup: int = 2, progress: bool = True, seed: int = 0) -> dict:
+    """Run every named config on every example; the order of runs is shuffled per example."""
+    for ex in examples[:warmup]:
+        for cfg in runs.values():
+            generate(ex.prompt, target, draft, ex.reward(), cfg)
+    rng = random.Random(seed)
+    summaries = {name: Summary(task=examples[0].task if examples else "commongen") for name in runs}
+    ppl = {name: [] for name in runs}
+    for ex in tqdm(examples, desc="bench", disable=not progress):
+        order = list(runs)
+        rng.shuffle(order)
+        for name in order:
+            result = generate(ex.prompt, target, draft, ex.reward(), runs[name])
+            summaries[name].add(result.text, result.stats, *ex.judge(result.text))
+            ppl[name].append(target.perplexity(ex.prompt, result.text))
+    out = {}
+    for name, s in summaries.items():
+        d = s.to_dict()
+        d["perplexity"] = math.exp(sum(math.log(x) for x in ppl[name]) / max(1, len(ppl[name])))
+        d["tokens_per_s"] = d["tokens"] / max(1e-9, d["wall_s"])
+        d["config"] = runs[name].model_dump(mode="json", exclude={"policy"})
+        d["texts"] = s.texts
+        out[name] = d
+    return out
+
+
+
+
+def run_methods(concept_sets: Iterable[list[str]], methods: list[str], target: LM, draft: LM | None,
+                config: DecodeConfig, progress: bool = True) -> dict[str, Summary]:
+    """Every method on every concept set, interleaved per set so machine drift hits all alike
+    (`cdsl demo`: no warm-up, no perplexity)."""
+    out = {m: Summary() for m in methods}
+    for concepts in tqdm(list(concept_sets), desc="examples", disable=not progress):
+        prompt = commongen_prompt(concepts, target.tokenizer)
+        for method in methods:
+            result = generate(prompt, target, draft, Coverage(concepts), config.model_copy(update={"method": method}))
+            c = coverage(result.text, concepts)
+            out[method].add(result.text, result.stats, c, c == 1.0)
+    return out
