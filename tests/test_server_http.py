@@ -67,6 +67,10 @@ def client_for(backend: FakeBackend, codec: Codec | None = None, **config) -> Te
     async def completions(request: HttpRequest):
         return await server.handle(request, chat=False)
 
+    @app.post("/v1/chat/completions")
+    async def chat(request: HttpRequest):
+        return await server.handle(request, chat=True)
+
     @app.get("/v1/models")
     async def models(request: HttpRequest):
         return await server.models(request)
@@ -129,3 +133,26 @@ def test_a_stream_that_fails_reports_it_in_band():
     assert json.loads(events[0])["choices"][0]["text"] == " a man"
     assert "boom" in json.loads(events[1])["error"]["message"]
     assert events[-1] == "[DONE]"
+
+
+def test_responses_and_chunks_have_openai_shapes():
+    """Every body the server writes parses as the `openai` package's own types."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    client = client_for(FakeBackend())
+    chat_body = {"messages": [{"role": "user", "content": "Use: man, ride, horse"}], "max_tokens": 8,
+                 "constraints": {"concepts": ["man", "ride", "horse"]}}
+    chat = ChatCompletion.model_validate(client.post("/v1/chat/completions", json=chat_body).json())
+    assert chat.choices[0].message.content == " a man rides a horse" and chat.usage.completion_tokens == 3
+    assert chat.model_extra["cdsl"]["coverage"] == 1.0 and "reward" not in chat.model_extra["cdsl"]
+    text = Completion.model_validate(client.post("/v1/completions", json=BODY).json())
+    assert text.choices[0].text == " a man rides a horse" and text.choices[0].finish_reason == "stop"
+    resp = client.post("/v1/chat/completions", json={**chat_body, "stream": True})
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[1].choices[0].delta.role is None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == " a man rides"
+    assert [c.choices[0].finish_reason for c in chunks] == [None, None, "length"]
+    assert chunks[-1].usage.completion_tokens == 2 and chunks[0].usage is None
