@@ -4,8 +4,8 @@ Each round starts from the target's next-token logits (known from the previous r
 1. *Stake.* The target's top-k candidates, less those no reward could lift to the top: a
    candidate more than lambda * room below the best log-probability cannot win a CDLH step,
    where room = 1 - R(prefix) for a monotone reward (coverage cannot go down), `reward_range`
-   for a reward model, 0 once R(prefix) >= tau_r, times `gain_share`. r = R(prefix) while two or more candidates
-   remain, else 1 (nothing for the reward to decide).
+   for a reward model, 0 once R(prefix) >= tau_r, times `gain_share`. r = R(prefix) while two
+   or more candidates remain, else 1 (nothing for the reward to decide).
 2. *State.* a = the draft's acceptance so far in this generation (1 before any drafting);
    S1 a >= tau_a, r >= tau_r; S2 a >= tau_a, r < tau_r; S3 a < tau_a, r >= tau_r; S4 both low.
 3. *Action,* from `DecodeConfig.policy`:
