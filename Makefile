@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint venv clean bench bench-pipeline serve load-test
+.PHONY: run test test-fast lint venv clean bench bench-pipeline serve load-test gpu-check
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ load-test: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# What the CPU suite cannot see, on a machine with a GPU (fails at once without one): lossless sd,
+# pipeline vs library in float32 and bfloat16, a short bench, TP = 2 when two GPUs are visible.
+gpu-check: $(STAMP)
+	$(PY) -m jobs.gpu_check --out runs/gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -28,3 +28,14 @@ def test_cdsl_reads_no_path_outside_its_package():
     for path in CDSL.rglob("*.py"):
         text = path.read_text()
         assert "parents[" not in text and '"shared"' not in text, f"{path} reaches outside the package"
+
+
+def test_gpu_check_fails_loudly_without_a_gpu():
+    """`make gpu-check` on a machine without a GPU must fail, not skip or fall back to CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine the check runs for real (make gpu-check)
+    out = subprocess.run([sys.executable, "-m", "jobs.gpu_check", "--sets", "2"], capture_output=True, text=True,
+                         timeout=300, cwd=CDSL.parent)
+    assert out.returncode == 1 and "gpu-check: FAILED" in out.stderr and "CUDA" in out.stderr, out.stderr
