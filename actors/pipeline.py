@@ -229,11 +229,11 @@ class Coordinator:
         return self.engine.cancel(request_id)
 
     def status(self) -> dict:
-        """Requests in flight, cancelled and resumed so far, and the caches each worker holds."""
+        """Requests in flight, cancelled, resumed and quarantined so far, and the caches each worker holds."""
         caches = {name: sum(w["caches"] for w in (ws if isinstance(ws, list) else [ws]))
                   for name, ws in self.placement().items() if name != "reward"}
         return {"running": len(self.engine.running), "cancelled": self.engine.cancelled,
-                "retries": self.engine.retries, "caches": caches}
+                "retries": self.engine.retries, "quarantined": self.engine.quarantined, "caches": caches}
 
     def reset_utilisation(self) -> None:
         self.engine.reset_utilisation()

@@ -36,6 +36,11 @@ class Cancelled(RuntimeError):
     """The request was cancelled (e.g. its HTTP client went away); its caches are freed."""
 
 
+class Quarantined(ValueError):
+    """The request lost a worker a second time while its calls ran alone in their batches, so
+    it is the likely cause: it is refused instead of retried until the workers' restarts run out."""
+
+
 class Executor(Protocol):
     def execute(self, calls: list[Any], released: list[str]) -> list[Any]:
         """Free the `released` keys, then answer `calls` in order, as one batch."""
@@ -87,15 +92,18 @@ class Batcher:
         self.busy_s, self.batches, self.calls = 0.0, 0, 0
         self._queue: queue.Queue = queue.Queue()
         self._released: list[str] = []
+        self._held = None
+        """A call that must run alone, taken from the queue while gathering: the next batch."""
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def run(self, call: Any) -> Any:
+    def run(self, call: Any, alone: bool = False) -> Any:
+        """The executor's answer to `call`, batched with others' (`alone`: in a batch of its own)."""
         fut: Future = Future()
         with self._lock:
             self.pending += 1
-        self._queue.put((call, fut))
+        self._queue.put((call, fut, alone))
         try:
             return fut.result()
         finally:
@@ -112,10 +120,19 @@ class Batcher:
 
     def _gather(self, first) -> list:
         batch = [first]
+        if first[2]:
+            return batch
         deadline = time.monotonic() + self.window_s
         while True:
             try:
-                batch.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
+                if item is None:  # closing: after this batch
+                    self._queue.put(None)
+                    return batch
+                if item[2]:  # a call that must run alone opens the next batch
+                    self._held = item
+                    return batch
+                batch.append(item)
                 continue
             except queue.Empty:
                 pass
@@ -127,7 +144,7 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             try:
-                item = self._queue.get(timeout=0.05)
+                item, self._held = self._held or self._queue.get(timeout=0.05), None
             except queue.Empty:
                 if self._released:
                     self._execute([])
@@ -141,16 +158,16 @@ class Batcher:
             released, self._released = self._released, []
         start = time.perf_counter()
         try:
-            results = self.executor.execute([call for call, _ in batch], released)
+            results = self.executor.execute([call for call, _, _ in batch], released)
         except BaseException as err:  # every waiting request must hear of it
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 fut.set_exception(err)
             return
         finally:
             self.busy_s += time.perf_counter() - start
             self.batches += bool(batch)
             self.calls += len(batch)
-        for (_, fut), result in zip(batch, results):
+        for (_, fut, _), result in zip(batch, results):
             if isinstance(result, BaseException):
                 fut.set_exception(result)
             else:
@@ -163,15 +180,16 @@ class Batcher:
 
 class Guarded:
     """One request's view of a batcher: every call first checks that the request still stands,
-    so a cancelled request stops at its next model or reward call."""
+    so a cancelled request stops at its next model or reward call; a suspect request's calls run
+    alone."""
 
-    def __init__(self, batcher: Batcher, cancelled: threading.Event) -> None:
-        self.batcher, self.cancelled = batcher, cancelled
+    def __init__(self, batcher: Batcher, cancelled: threading.Event, suspect: threading.Event) -> None:
+        self.batcher, self.cancelled, self.suspect = batcher, cancelled, suspect
 
     def run(self, call: Any) -> Any:
         if self.cancelled.is_set():
             raise Cancelled("request cancelled")
-        return self.batcher.run(call)
+        return self.batcher.run(call, alone=self.suspect.is_set())
 
     def release(self, key: str) -> None:
         self.batcher.release(key)
@@ -218,6 +236,8 @@ class Engine:
                        for name, ex in [("target", target), ("draft", draft), ("reward", reward or RewardTable())]
                        if ex is not None}
         self.retries = 0
+        self.quarantined = 0
+        """Requests refused after a second worker loss while running alone (`Quarantined`)."""
         self.cancelled = 0
         """Requests stopped by `cancel`."""
         self._live: dict[str, list[threading.Event]] = {}
@@ -247,8 +267,8 @@ class Engine:
         """Run one request to the end (blocking; call from many threads at once)."""
         config = request.config
         check_inputs(config.method, "draft" in self.phases, request.reward is not None)
-        stop = threading.Event()
-        phases = {name: Guarded(b, stop) for name, b in self.phases.items()}
+        stop, suspect = threading.Event(), threading.Event()
+        phases = {name: Guarded(b, stop, suspect) for name, b in self.phases.items()}
         reward = BatchedReward(phases["reward"], request.reward) if request.reward else None
         with self._lock:
             self._live.setdefault(request.id, []).append(stop)
@@ -266,9 +286,15 @@ class Engine:
                 try:
                     METHODS[config.method].run(ctx)
                     break
-                except (WorkerLost, CacheLost):
+                except (WorkerLost, CacheLost) as err:
+                    if isinstance(err, WorkerLost) and suspect.is_set():
+                        self.quarantined += 1
+                        raise Quarantined(f"request {request.id}: a worker died while running it alone, after "
+                                          f"an earlier worker loss in its batch; refused, not retried ({err})") from err
                     if attempt == self.max_retries:
                         raise
+                    if isinstance(err, WorkerLost):  # it was in the batch that lost the worker: a suspect
+                        suspect.set()
                     out, stats = list(ctx.out), ctx.stats  # resume from the last emitted token
                     self.retries += 1
                 except Cancelled:

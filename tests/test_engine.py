@@ -1,12 +1,13 @@
 """The batched store and the many-request engine compute exactly what one request alone does."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from cdsl.config import DecodeConfig
-from cdsl.engine import Cancelled, Engine, RewardTable, WorkerLost, local_engine
+from cdsl.engine import Cancelled, Engine, Quarantined, RewardTable, WorkerLost, local_engine
 from cdsl.generate import generate
 from cdsl.request import Request
 from cdsl.rewards import Coverage, RewardSpec
@@ -119,6 +120,43 @@ def test_lost_worker_resumes_from_last_token(pairs):
     finally:
         engine.close()
     assert engine.retries >= 1
+    for req, out in zip(reqs, outs):
+        ref = generate(req.prompt, target, draft, Coverage(req.reward.concepts), req.config)
+        assert out.token_ids == ref.token_ids
+
+
+class Poisoned:
+    """A target store that dies (losing every cache, like a restarted worker) whenever a batch
+    holds a call of the request named `poison`."""
+
+    def __init__(self, lm, poison: str) -> None:
+        self.store, self.poison, self.deaths = SeqStore(lm), poison, 0
+
+    def execute(self, calls, released):
+        if any(call.key.startswith(self.poison + "#") for call in calls):
+            self.deaths += 1
+            self.store.caches.clear()
+            raise WorkerLost("target worker died")
+        return self.store.execute(calls, released)
+
+
+def test_a_request_that_kills_workers_twice_is_quarantined(pairs):
+    """It is refused after its second loss (the one while running alone) instead of using up
+    every retry; the requests that shared its batches resume and finish with their lone answers."""
+    target, draft = pairs["llama"]
+    reqs = _requests(["greedy", "cdsl"])[:5]
+    poison = Request(PROMPTS[5], DecodeConfig(method="greedy", max_new_tokens=20), None, id="poison")
+    store = Poisoned(target, "poison")
+    engine = Engine(target, store, SeqStore(draft), RewardTable(), max_retries=3)
+    try:
+        with ThreadPoolExecutor(len(reqs) + 1) as pool:
+            bad = pool.submit(engine.generate, poison)
+            outs = list(pool.map(engine.generate, reqs))
+            with pytest.raises(Quarantined, match="request poison"):
+                bad.result()
+    finally:
+        engine.close()
+    assert store.deaths == 2 and engine.quarantined == 1  # before: max_retries + 1 = 4 deaths, then WorkerLost
     for req, out in zip(reqs, outs):
         ref = generate(req.prompt, target, draft, Coverage(req.reward.concepts), req.config)
         assert out.token_ids == ref.token_ids
