@@ -75,6 +75,15 @@ def _merge(caches: list[KV | None], rows: list[int], past: int) -> KV:
     return out
 
 
+def _bytes(kv: KV | None) -> int:
+    """Bytes a cache's own slices hold (not the batch tensors they may view)."""
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv or ())
+
+
+def _copied(kv: KV | None) -> KV | None:
+    return None if kv is None else [(k.clone(), v.clone()) for k, v in kv]
+
+
 def _width_class(width: int) -> int:
     """Runs are batched with others of similar width: padding a one-token rollout row to a
     prompt's length would cost more than a separate forward."""
@@ -89,13 +98,47 @@ class SeqStore:
         self.caches: dict[str, KV | None] = {}
         self.keeps_logits = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
         """Whether the model can skip the logits of positions nobody reads."""
+        self._viewing: dict[str, int] = {}
+        """Key -> the batched forward whose output tensors its cache is a view of."""
+        self._batches: dict[int, tuple[int, set[str]]] = {}
+        """Batched forward -> (bytes of its output caches, keys still viewing them)."""
+        self._forwards = 0
+
+    def _set(self, key: str, kv: KV | None, batch: int | None = None) -> None:
+        """Store `key`'s cache (a view into batched forward `batch`'s output, if given)."""
+        self._unlink(key)
+        self.caches[key] = kv
+        if batch is not None and kv is not None:
+            self._viewing[key] = batch
+            self._batches[batch][1].add(key)
+
+    def _drop(self, key: str) -> KV | None:
+        self._unlink(key)
+        return self.caches.pop(key)
+
+    def _unlink(self, key: str) -> None:
+        """`key` stops viewing its batch's tensors. Once the keys left view less than half of
+        them, they get copies of their own, so the batch's memory is freed: a few long-lived
+        views cannot pin many large batches (each batch is copied at most once, and at most half)."""
+        batch = self._viewing.pop(key, None)
+        if batch is None:
+            return
+        size, keys = self._batches[batch]
+        keys.discard(key)
+        if 2 * sum(_bytes(self.caches[k]) for k in keys) < size:
+            for k in keys:
+                self.caches[k] = _copied(self.caches[k])
+                del self._viewing[k]
+            del self._batches[batch]
 
     def _prepare(self, run: Run) -> KV | None:
         for dst, src, row in run.moves:
             if src not in self.caches:
                 raise CacheLost(f"cache {src!r} is gone")
-            kv = self.caches.pop(src)
-            self.caches[dst] = None if kv is None else [(k[row:row + 1], v[row:row + 1]) for k, v in kv]
+            kv = self.caches[src]
+            self._set(dst, None if kv is None else [(k[row:row + 1], v[row:row + 1]) for k, v in kv],
+                      self._viewing.get(src))
+            self._drop(src)
         if run.fork is not None:
             if run.fork not in self.caches:
                 raise CacheLost(f"cache {run.fork!r} is gone")
@@ -175,11 +218,15 @@ class SeqStore:
         out = self.lm.model(input_ids=ids.to(dev), cache=cache, use_cache=True, **extra)
         logits = out.logits[..., : self.lm.vocab_size].float().cpu()
         layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        batch = None
+        if len(runs) > 1:  # several keys will view these tensors: track them (see `_unlink`)
+            batch = self._forwards = self._forwards + 1
+            self._batches[batch] = (sum(k.nbytes + v.nbytes for k, v in layers), set())
         results, start = [], 0
         for r, n, p, w in zip(runs, rows, lens, widths):
             block = slice(start, start + n)
-            self.caches[r.key] = [(k[block, :, past - p:past + w], v[block, :, past - p:past + w])
-                                  for k, v in layers]
+            self._set(r.key, [(k[block, :, past - p:past + w], v[block, :, past - p:past + w]) for k, v in layers],
+                      batch)
             results.append(logits[block, -1] if last else logits[block, w - 1] if r.last_only else logits[block, :w])
             start += n
         return results
@@ -191,16 +238,26 @@ class SeqStore:
         return self.run(calls) if calls else []
 
     def compact(self, key: str) -> None:
-        """Copy `key`'s cache out of the batch it was computed in: a kept view would hold the
-        whole batch's tensors alive."""
-        kv = self.caches.get(key)
-        if kv is not None:
-            self.caches[key] = [(k.clone(), v.clone()) for k, v in kv]
+        """Copy `key`'s cache out of the batch it was computed in now (one kept for long, such
+        as a reward model's prompt cache), rather than when its batch is mostly freed."""
+        if key in self.caches:
+            self._set(key, _copied(self.caches[key]))
 
     def release(self, key: str) -> None:
         """Drop `key` and every cache forked from it (keys starting with `key` + ":")."""
         for name in [k for k in self.caches if k == key or k.startswith(key + ":")]:
-            del self.caches[name]
+            self._drop(name)
+
+    def held_bytes(self) -> int:
+        """Bytes of every tensor the caches keep alive (a batch's whole output while any key
+        views it), the figure `_unlink` keeps within twice what the caches themselves hold."""
+        seen: dict[int, int] = {}
+        for kv in self.caches.values():
+            for k, v in kv or ():
+                for t in (k, v):
+                    storage = t.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
 
     def __len__(self) -> int:
         return len(self.caches)

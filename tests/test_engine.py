@@ -241,3 +241,25 @@ def test_admission_bounds_the_cache_tokens_held(pairs):
         engine.close()
     for req, out in zip(reqs, outs):
         assert out.token_ids == generate(req.prompt, target, draft, Coverage(req.reward.concepts), req.config).token_ids
+
+
+def test_long_lived_views_do_not_pin_whole_batches(pairs):
+    """Each key keeps a view of its batch's output; once most of a batch's keys are gone, the
+    rest get copies, so a short cache does not pin the long ones' memory."""
+    target, _ = pairs["llama"]
+    store = SeqStore(target)
+    prompts = [target.encode(p) for p in PROMPTS[:4]] + [target.encode("A")]
+    store.run([Run(f"s{i}", [ids], 0) for i, ids in enumerate(prompts)])
+    short = _own_bytes(store.caches["s4"])
+    assert store.held_bytes() > 10 * short  # one batch, viewed by all five
+    for i in range(4):
+        store.release(f"s{i}")
+    assert store.held_bytes() == short  # before: the whole batch stayed alive behind s4's view
+    ref = SeqStore(target)
+    ref.run([Run("s4", [prompts[4]], 0)])
+    step = Run("s4", [[7]], len(prompts[4]))
+    assert torch.allclose(store.run([step])[0], ref.run([step])[0], atol=1e-9)  # the copy is the same cache
+
+
+def _own_bytes(kv) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv or ())
