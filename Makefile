@@ -40,6 +40,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
+# Everything but the tests marked `slow` (Ray heads, Serve, training jobs, the real pair): a few minutes.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not slow"
+
 # What the CPU suite cannot see, on a machine with a GPU (fails at once without one): lossless sd,
 # pipeline vs library in float32 and bfloat16, a short bench, TP = 2 when two GPUs are visible.
 gpu-check: $(STAMP)

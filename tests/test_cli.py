@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -52,6 +53,7 @@ def test_bad_options_name_the_field(model_dirs):
     assert res.exit_code == 2 and "regex" in res.output and "not a valid regular expression" in res.output
 
 
+@pytest.mark.slow
 def test_backend_ray_gives_the_local_answer(model_dirs):
     args = ["--concepts", "dog,frisbee,catch,throw", "--method", "cdsl", "--json", "--max-new-tokens", "12",
             "--k", "3", "--lookahead", "2", "--draft-len", "3", "--dtype", "float64"]

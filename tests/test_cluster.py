@@ -107,6 +107,7 @@ def test_gpu_config_is_a_valid_serve_and_pipeline_config():
     assert server.pipeline.placement == "required" and server.pipeline.target_num_gpus == 1
 
 
+@pytest.mark.slow
 def test_autoscaler_adds_draft_and_target_nodes_then_removes_them(model_dirs):
     """No worker nodes at first; a pipeline with `placement: required` makes the autoscaler add
     one node of each type, generation runs on them, and idle nodes go after the timeout. Run in
@@ -137,6 +138,7 @@ def _replicas(app: str = "cdsl") -> int:
     return serve.status().applications[app].deployments["CDSLServer"].replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_serve_replicas_scale_up_under_load_and_down_after(model_dirs):
     from actors.server import CDSLServer
 

@@ -71,6 +71,7 @@ def run_job(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
+@pytest.mark.slow
 def test_fails_fast_on_missing_input_or_config(tmp_path):
     res = run_job("--input", tmp_path / "nope.jsonl", "--output", tmp_path / "out")
     assert res.returncode == 2 and "input file not found" in res.stderr
@@ -91,6 +92,7 @@ def rows_of(folder: Path) -> list[dict]:
     return sorted(({k: r[k] for k in keep} for r in pq.read_table(folder).to_pylist()), key=lambda r: r["row"])
 
 
+@pytest.mark.slow
 def test_ray_job_submit_stopped_midway_resumes_to_the_same_dataset(tmp_path, model_dirs):
     src = tmp_path / "in.jsonl"
     lines = [json.dumps({"id": f"r{i}", "concepts": c}) for i, c in
@@ -197,6 +199,7 @@ def test_shards_read_back_the_whole_input_in_order(tmp_path):
     assert [r["n"] for r in rows] == list(range(10)) and [r["row"] for r in rows] == list(range(10))
 
 
+@pytest.mark.slow
 def test_bad_replicas_option_exits_2(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"concepts": ["dog"]}\n')
     for bad in ("0", "3,2", "x", "1,2,3"):

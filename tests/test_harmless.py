@@ -34,6 +34,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "cdsl"), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_eval_reward_prints_pairwise_accuracy(tmp_path, reward_model_dir):
     """Accuracy counts strict wins: swapping every pair gives 1 - accuracy, ties give 0."""
     texts = [f"{DIALOGUE} Option {i}: {'stay calm ' * (i % 3)}" for i in range(12)]
@@ -54,6 +55,7 @@ def test_eval_reward_prints_pairwise_accuracy(tmp_path, reward_model_dir):
     assert direct == got["pairs"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_eval_reward_refuses_bad_input(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"chosen": "a"}\n')
     run = cli("eval-reward", "--pairs", str(tmp_path / "bad.jsonl"))
@@ -112,6 +114,7 @@ def test_reward_model_steers_cdlh_and_combines_with_concepts(pairs, reward_model
     assert out.stats.reward_calls > 0
 
 
+@pytest.mark.slow
 def test_bench_harmless_task_on_tiny_models(tmp_path, model_dirs, reward_model_dir):
     data = tmp_path / "hh.jsonl"
     data.write_text("".join(json.dumps({"chosen": DIALOGUE.replace("locksmith", f"locksmith {i}"),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 import ray
 import yaml
 from ray.cluster_utils import Cluster
@@ -17,6 +18,8 @@ from cdsl.models import LM
 
 from .test_generate_job import ROOT, write_config
 from .test_pipeline import config, reference, requests
+
+pytestmark = pytest.mark.slow  # starts Ray (make test-fast skips it)
 
 
 def test_workers_placed_by_resource_and_generation_crosses_nodes(model_dirs, pairs):

@@ -17,6 +17,8 @@ from cdsl.models import LM
 from cdsl.request import Request
 from cdsl.rewards import Coverage, RewardSpec
 
+pytestmark = pytest.mark.slow  # starts Ray (make test-fast skips it)
+
 CONCEPTS = [["dog", "frisbee", "catch", "throw"], ["child", "river", "stone"], ["cook", "dinner", "kitchen"],
             ["cat", "sleep"]]
 METHODS = ["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]

@@ -23,6 +23,8 @@ from jobs.load_test import run_load
 
 from .test_generate_job import BIN, ROOT, free_port
 
+pytestmark = pytest.mark.slow  # starts Ray (make test-fast skips it)
+
 CONCEPTS = ["man", "ride", "horse"]  # the default pair covers all three with cdlh
 
 
