@@ -149,11 +149,11 @@ class RequestInput(BaseModel):
         """The engine's request, or a RequestError: over a limit, no prompt, a method without
         the draft or constraint it needs, or a prompt + output the model's window cannot hold."""
         self.check_limits(limits)
+        prompt = self.render(codec.tokenizer)
         try:
             check_inputs(self.decode.method, has_draft, self.has_constraint)
         except RequestError as err:
             raise RequestError("decode.method" if err.field == "method" else err.field, err.problem) from None
-        prompt = self.render(codec.tokenizer)
         try:
             codec.check_fits(len(codec.prompt_ids(prompt)), self.decode.max_new_tokens, budget_field)
         except ValueError as err:

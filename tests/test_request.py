@@ -99,3 +99,9 @@ def test_stats_are_typed_and_add_up():
     a.add(b)
     assert (a.tokens, a.target_calls, a.draft_calls, a.reward_calls, a.rounds) == (5, 1, 1, 5, 1)
     assert a.states["S2"] == 1 and a.state_trace == ["S2"] and a.time_draft > 0 and a.acceptance == 0.5
+
+
+def test_an_empty_prompt_is_named_before_the_missing_constraint():
+    """With neither a prompt nor concepts the prompt is what is missing (the HTTP test's order)."""
+    with pytest.raises(RequestError, match="^prompt: must not be empty unless constraints.concepts"):
+        build(prompt="", decode=DecodeConfig(method="cdsl"))
