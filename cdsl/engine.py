@@ -51,7 +51,6 @@ class Executor(Protocol):
 class RewardCall:
     spec: RewardSpec
     items: tuple[RewardInput, ...]
-    progress: bool
 
 
 @lru_cache(maxsize=1024)
@@ -71,10 +70,10 @@ class RewardTable:
         out: list = [None] * len(calls)
         shared: dict[int, list[int]] = {}
         for i, (call, reward) in enumerate(zip(calls, rewards)):
-            if isinstance(reward, RewardModel):  # its progress is its score
+            if isinstance(reward, RewardModel):
                 shared.setdefault(id(reward), []).append(i)
             else:
-                out[i] = reward.progress(call.items) if call.progress else reward.score(call.items)
+                out[i] = reward.score(call.items)
         for group in shared.values():
             scores = rewards[group[0]].score([item for i in group for item in calls[i].items])
             for i in group:
@@ -203,10 +202,7 @@ class BatchedReward:
         self.monotone = spec.monotone
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
-        return self.batcher.run(RewardCall(self.spec, tuple(batch), False))
-
-    def progress(self, batch: Sequence[RewardInput]) -> list[float]:
-        return self.batcher.run(RewardCall(self.spec, tuple(batch), True))
+        return self.batcher.run(RewardCall(self.spec, tuple(batch)))
 
 
 def cache_tokens(request: Request, prompt_tokens: int) -> int:

@@ -273,9 +273,6 @@ class RewardModel:
                 raise r
         return results
 
-    def progress(self, batch: Sequence[RewardInput]) -> list[float]:
-        return self.score(batch)
-
 
 @lru_cache(maxsize=8)
 def load_reward_model(path: str, label: str | None = None, device: str = "cpu") -> RewardModel:

@@ -2,9 +2,8 @@
 
 Every reward sees the generated prefix and the lookahead separately (`RewardInput`), because a
 constraint on a whole sentence says little about an unfinished one. `score` is the paper's
-R(x, y + l), used to rank CDLH candidates and as the final metric; `progress` is what the CDSL
-gate compares with tau_r while the text is still growing. Text, not token ids, crosses this
-interface so a reward can live in another process or on another machine.
+R(x, y + l): it ranks CDLH candidates, gates CDSL rounds and is the final metric. Text, not
+token ids, crosses this interface so a reward can live in another process or on another machine.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from lemminflect import getAllInflections, getAllInflectionsOOV, getAllLemmas
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
-PROGRESS_MODES = ("fraction", "coverable", "pace")
 
 
 @dataclass(frozen=True)
@@ -49,10 +47,6 @@ class Reward(Protocol):
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
         """R(prompt, prefix + continuation) in [0, 1] for each input."""
-        ...
-
-    def progress(self, batch: Sequence[RewardInput]) -> list[float]:
-        """Score of an unfinished text, in [0, 1]; equals `score` when the input is final."""
         ...
 
 
@@ -92,49 +86,24 @@ def coverage(text: str, concepts: Sequence[str]) -> float:
 
 
 class Coverage:
-    """CommonGen coverage: the fraction of concepts the text uses.
-
-    progress modes, for unfinished text:
-    - "fraction": the plain fraction (low early in every sentence);
-    - "coverable": 1 while the missing concepts still fit in the remaining budget
-      (`tokens_per_concept` each), else the fraction; final text gets the fraction;
-    - "pace": 1 while the text keeps up a pace of one new concept per `tokens_per_concept`
-      tokens generated (and the missing ones still fit), else the fraction.
-    """
+    """CommonGen coverage: the fraction of concepts the text uses."""
 
     monotone = True
     """Added text never un-covers a concept, bar a token that extends the prefix's last word
     ("cat" + "alog"); CDSL's exactness w.r.t. CDLH rests on this and ignores that case."""
 
-    def __init__(self, concepts: Sequence[str], progress_mode: str = "coverable", tokens_per_concept: int = 3):
-        if progress_mode not in PROGRESS_MODES:
-            raise ValueError(f"progress_mode must be one of {PROGRESS_MODES}, got {progress_mode!r}")
+    def __init__(self, concepts: Sequence[str]) -> None:
         self.concepts = list(concepts)
-        self.mode, self.tokens_per_concept = progress_mode, tokens_per_concept
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
         return [coverage(item.text, self.concepts) for item in batch]
-
-    def progress(self, batch: Sequence[RewardInput]) -> list[float]:
-        scores = self.score(batch)
-        if self.mode == "fraction":
-            return scores
-        out = []
-        n = len(self.concepts)
-        for item, s in zip(batch, scores):
-            missing = round((1 - s) * n)
-            ok = missing * self.tokens_per_concept <= item.budget
-            if self.mode == "pace":
-                ok = ok and n - missing >= min(n, item.length // self.tokens_per_concept)
-            out.append(s if item.final or not ok else 1.0)
-        return out
 
 
 class Keywords(Coverage):
     """Given keywords present verbatim (whole words or phrases, case-insensitive)."""
 
-    def __init__(self, keywords: Sequence[str], progress_mode: str = "coverable", tokens_per_concept: int = 3):
-        super().__init__(keywords, progress_mode, tokens_per_concept)
+    def __init__(self, keywords: Sequence[str]) -> None:
+        super().__init__(keywords)
         # compiled once: score runs on every CDLH candidate
         self.patterns = [re.compile(r"(?<![A-Za-z])" + re.escape(k) + r"(?![A-Za-z])", re.I) for k in self.concepts]
 
@@ -153,10 +122,6 @@ class Regex:
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
         return [float(bool(self.pattern.search(item.text))) for item in batch]
-
-    def progress(self, batch: Sequence[RewardInput]) -> list[float]:
-        # an unfinished text may still come to match, so only a final one can fail
-        return [s if item.final else 1.0 for item, s in zip(batch, self.score(batch))]
 
 
 class Combined:
@@ -177,9 +142,6 @@ class Combined:
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
         return self._combine([r.score(batch) for r, _ in self.parts])
 
-    def progress(self, batch: Sequence[RewardInput]) -> list[float]:
-        return self._combine([r.progress(batch) for r, _ in self.parts])
-
 
 class RewardSpec(BaseModel):
     """The constraints of one request; every given field adds a reward."""
@@ -196,8 +158,6 @@ class RewardSpec(BaseModel):
     """Local folder, hub id or builtin name of a sequence-classification reward model."""
     reward_model_label: str | None = None
     """Label whose softmax probability is the reward; None: sigmoid of the first logit."""
-    progress: Literal["fraction", "coverable", "pace"] = "coverable"
-    """How coverage judges unfinished text (see `Coverage`)."""
     combine: Literal["mean", "all"] = "mean"
     """How several constraints combine: weighted mean, or the weakest one."""
 
@@ -221,9 +181,9 @@ class RewardSpec(BaseModel):
         other constraints (see `load_reward_model`)."""
         parts: list[tuple[Reward, float]] = []
         if self.concepts:
-            parts.append((Coverage(self.concepts, self.progress), 1.0))
+            parts.append((Coverage(self.concepts), 1.0))
         if self.keywords:
-            parts.append((Keywords(self.keywords, self.progress), 1.0))
+            parts.append((Keywords(self.keywords), 1.0))
         if self.regex is not None:
             parts.append((Regex(self.regex), 1.0))
         if self.reward_model is not None:

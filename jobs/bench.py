@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cdsl.config import BUNDLED, DecodeConfig
 from cdsl.generate import generate
 from cdsl.models import LM
-from cdsl.rewards import Coverage, Reward, RewardInput, coverage
+from cdsl.rewards import Coverage, Reward
 from cdsl.stats import Stats
 from cdsl.tasks import commongen_prompt, parse_concepts, read_commongen_jsonl, read_harmless_jsonl
 
@@ -115,37 +115,26 @@ def parse_sweep(spec: str) -> list[dict]:
 
 @dataclass
 class Example:
-    """One benchmark input: its prompt, a fresh reward per run, and how an output is judged."""
+    """One benchmark input: its prompt, a fresh reward per run, and when an output passes."""
 
     prompt: str
     reward: Callable[[], Reward]
-    judge: Callable[[str], tuple[float, bool]]
-    """text -> (score, passed): coverage and all-covered, or reward and reward >= threshold."""
     record: dict
     """What outputs.jsonl says about the input."""
     task: str = "commongen"
+    threshold: float = 1.0
+    """An output passes when its final reward (`Generation.reward`, computed once per output)
+    reaches this: every concept covered, or the reward model's score at least the threshold."""
 
 
-def commongen_examples(concept_sets: list[list[str]], progress_mode: str = "coverable",
-                       tokenizer=None) -> list[Example]:
+def commongen_examples(concept_sets: list[list[str]], tokenizer=None) -> list[Example]:
     """CommonGen: the coverage reward steers, and the text passes when it uses every concept."""
-    def judge(concepts):
-        def score(text: str) -> tuple[float, bool]:
-            c = coverage(text, concepts)
-            return c, c == 1.0
-        return score
-    return [Example(commongen_prompt(c, tokenizer), partial(Coverage, c, progress_mode=progress_mode), judge(c),
-                    {"concepts": c}) for c in concept_sets]
+    return [Example(commongen_prompt(c, tokenizer), partial(Coverage, c), {"concepts": c}) for c in concept_sets]
 
 
 def harmless_examples(prompts: list[str], reward_model: Reward, threshold: float = 0.5) -> list[Example]:
     """The harmless task: a reward model steers and judges; a text passes at `threshold`."""
-    def judge(prompt):
-        def score(text: str) -> tuple[float, bool]:
-            (r,) = reward_model.score([RewardInput(prompt, "", text, True, 0, 0)])
-            return r, r >= threshold
-        return score
-    return [Example(p, lambda: reward_model, judge(p), {"prompt": p}, "harmless") for p in prompts]
+    return [Example(p, lambda: reward_model, {"prompt": p}, "harmless", threshold) for p in prompts]
 
 
 def run_bench(examples: list[Example], runs: dict[str, DecodeConfig], target: LM, draft: LM | None,
@@ -162,7 +151,7 @@ def run_bench(examples: list[Example], runs: dict[str, DecodeConfig], target: LM
         rng.shuffle(order)
         for name in order:
             result = generate(ex.prompt, target, draft, ex.reward(), runs[name])
-            summaries[name].add(result.text, result.stats, *ex.judge(result.text))
+            summaries[name].add(result.text, result.stats, result.reward, result.reward >= ex.threshold)
             ppl[name].append(target.perplexity(ex.prompt, result.text))
     out = {}
     for name, s in summaries.items():
@@ -186,6 +175,5 @@ def run_methods(concept_sets: Iterable[list[str]], methods: list[str], target: L
         prompt = commongen_prompt(concepts, target.tokenizer)
         for method in methods:
             result = generate(prompt, target, draft, Coverage(concepts), config.model_copy(update={"method": method}))
-            c = coverage(result.text, concepts)
-            out[method].add(result.text, result.stats, c, c == 1.0)
+            out[method].add(result.text, result.stats, result.reward, result.reward == 1.0)
     return out

@@ -18,7 +18,7 @@ from cdsl.methods import METHODS
 from cdsl.models import Codec
 from cdsl.request import Limits, Request, RequestInput
 from cdsl.request import validation_error as to_request_error
-from cdsl.rewards import PROGRESS_MODES, RewardSpec
+from cdsl.rewards import RewardSpec
 from cdsl.tasks import parse_concepts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -223,7 +223,6 @@ def bench(
     sweep: str = typer.Option(None, help='CDSL grid, e.g. "gain_share=1,0.5;accept_ratio=1,0.3;draft_len=3,5".'),
     warmup: int = typer.Option(2, help="Concept sets run first and not counted."),
     readme: str = typer.Option(None, help="Also refresh the table between the bench markers of this file."),
-    progress: str = typer.Option("coverable", help="Coverage on unfinished text: coverable, pace or fraction."),
     target: str = TARGET,
     draft: str = DRAFT,
     k: int = _opt("k"),
@@ -253,8 +252,6 @@ def bench(
     from jobs.report import refresh_readme, report_table, save_results
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    if progress not in PROGRESS_MODES:
-        fail(f"--progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
     if task not in ("commongen", "harmless"):
         fail(f"--task must be commongen or harmless, got {task!r}")
     try:
@@ -273,7 +270,7 @@ def bench(
                 else load_harmless(harmless_path, limit, held_out=held_out))
         target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))
         if task == "commongen":
-            examples = commongen_examples(sets, progress, target_lm.tokenizer)
+            examples = commongen_examples(sets, target_lm.tokenizer)
         else:  # the dialogues again, now as chat prompts for the target's template
             prompts = load_harmless(harmless_path, limit, target_lm.tokenizer, held_out)
             examples = harmless_examples(prompts, RewardModel(reward_model, reward_label,
@@ -283,7 +280,7 @@ def bench(
     except (OSError, ValueError) as err:
         fail(str(err))
     results = run_bench(examples, {**runs, **sweep_runs}, target_lm, draft_lm, warmup=warmup)
-    setup = {"task": task, "dataset": dataset, "target": target, "draft": draft, "progress": progress,
+    setup = {"task": task, "dataset": dataset, "target": target, "draft": draft,
              **({"reward_model": reward_model, "threshold": threshold, "reward_cache": reward_cache,
                  "held_out": held_out}
                 if task == "harmless" else {}),

@@ -145,8 +145,8 @@ def test_requests_share_one_reward_model_load_and_one_batch(reward_model_dir):
     assert parts[0] is parts[1] and load_reward_model.cache_info().misses == 1
     rm = parts[0]
     only_rm = RewardSpec(reward_model=str(reward_model_dir))
-    calls = [RewardCall(only_rm, tuple(RewardInput(f"Q: hi {who}:", f" hello there{end}") for end in "!?"), progress)
-             for who, progress in (("A", True), ("B", False))]
+    calls = [RewardCall(only_rm, tuple(RewardInput(f"Q: hi {who}:", f" hello there{end}") for end in "!?"))
+             for who in ("A", "B")]
     lengths = [len(rm.tokenizer(c.items[0].prompt + c.items[0].text).input_ids) for c in calls]
     assert lengths[0].bit_length() == lengths[1].bit_length()  # one width class: SeqStore batches them
     forwards = []

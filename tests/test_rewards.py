@@ -29,17 +29,10 @@ def item(text, final=False, budget=10, prefix=""):
     return RewardInput("p", prefix, text, final, budget)
 
 
-def test_coverage_progress_modes():
-    concepts = ["dog", "frisbee", "catch", "throw"]
-    frac, able = Coverage(concepts, "fraction"), Coverage(concepts, "coverable", tokens_per_concept=3)
-    early = item(" A dog", budget=20)
-    assert frac.progress([early]) == [0.25]
-    assert able.progress([early]) == [1.0]  # 3 missing concepts fit in 20 tokens
-    assert able.progress([item(" A dog", budget=5)]) == [0.25]  # they no longer fit
-    assert able.progress([item(" A dog.", final=True)]) == [0.25]  # the sentence ended short
-    assert able.score([early]) == [0.25]
-    # prefix and continuation are judged together
-    assert frac.score([item(" catches it", prefix="A dog")]) == [0.5]
+def test_coverage_judges_prefix_and_continuation_together():
+    cov = Coverage(["dog", "frisbee", "catch", "throw"])
+    assert cov.score([item(" A dog", budget=20)]) == [0.25]
+    assert cov.score([item(" catches it", prefix="A dog")]) == [0.5]
 
 
 def test_keywords_regex_combined():
@@ -48,10 +41,9 @@ def test_keywords_regex_combined():
     assert kw.score([item("rainy New Yorker")]) == [0.0]
     rx = Regex(r"\d{4}")
     assert rx.score([item("in 1999")]) == [1.0] and rx.score([item("in the 90s")]) == [0.0]
-    assert rx.progress([item("not yet")]) == [1.0] and rx.progress([item("no", final=True)]) == [0.0]
-    both = Combined([(Coverage(["dog"], "fraction"), 1.0), (rx, 3.0)], how="mean")
+    both = Combined([(Coverage(["dog"]), 1.0), (rx, 3.0)], how="mean")
     assert both.score([item("a dog")]) == [0.25]
-    assert Combined([(Coverage(["dog"], "fraction"), 1.0), (rx, 1.0)], how="all").score([item("a dog")]) == [0.0]
+    assert Combined([(Coverage(["dog"]), 1.0), (rx, 1.0)], how="all").score([item("a dog")]) == [0.0]
 
 
 def test_spec_builds_rewards():
@@ -90,15 +82,3 @@ def test_reward_model_reward(tmp_path):
     spec = RewardSpec(concepts=["dog"], reward_model=str(tmp_path), reward_model_label="harmless", combine="all")
     combined = spec.build()
     assert combined.score(items[:1])[0] == pytest.approx(min(1.0, scores[0]), abs=1e-5)
-
-
-def test_coverage_pace_mode():
-    concepts = ["dog", "frisbee", "catch", "throw"]
-    pace = Coverage(concepts, "pace", tokens_per_concept=3)
-    on_pace = RewardInput("p", "A dog", " throws a", False, budget=30, length=6)  # 2 concepts by token 6
-    behind = RewardInput("p", "A man", " is in a", False, budget=30, length=6)  # 0 concepts by token 6
-    assert pace.progress([on_pace]) == [1.0]
-    assert pace.progress([behind]) == [0.0]
-    assert pace.progress([RewardInput("p", "", " A", False, budget=30, length=2)]) == [1.0]  # too early to judge
-    with pytest.raises(ValueError, match="progress_mode"):
-        Coverage(concepts, "gain")

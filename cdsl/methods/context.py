@@ -102,11 +102,10 @@ class Context:
                                      max(0, self.budget - len(kept)), len(self.out) + len(kept)))
         return items
 
-    def rewards(self, continuations: list[list[int]], progress: bool = False) -> torch.Tensor:
-        """Score continuations of the current output (`progress` for the CDSL gate)."""
+    def rewards(self, continuations: list[list[int]]) -> torch.Tensor:
+        """R(prompt, output + continuation) for each continuation of the current output."""
         with self.stats.reward_call(len(continuations)):
-            items = self.reward_inputs(continuations)
-            scores = self.reward.progress(items) if progress else self.reward.score(items)
+            scores = self.reward.score(self.reward_inputs(continuations))
         return torch.tensor(scores, dtype=torch.float32)
 
     def close(self) -> None:
