@@ -98,19 +98,21 @@ class SeqStore:
         self.caches: dict[str, KV | None] = {}
         self.keeps_logits = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
         """Whether the model can skip the logits of positions nobody reads."""
-        self._viewing: dict[str, int] = {}
-        """Key -> the batched forward whose output tensors its cache is a view of."""
-        self._batches: dict[int, tuple[int, set[str]]] = {}
-        """Batched forward -> (bytes of its output caches, keys still viewing them)."""
+        self._viewing: dict[str, tuple[int, int]] = {}
+        """Key -> (the batched forward whose output tensors its cache is a view of, its bytes)."""
+        self._batches: dict[int, list] = {}
+        """Batched forward -> [bytes of its output caches, bytes its viewers hold, the viewers]."""
         self._forwards = 0
 
     def _set(self, key: str, kv: KV | None, batch: int | None = None) -> None:
         """Store `key`'s cache (a view into batched forward `batch`'s output, if given)."""
         self._unlink(key)
         self.caches[key] = kv
-        if batch is not None and kv is not None:
-            self._viewing[key] = batch
-            self._batches[batch][1].add(key)
+        if batch is not None and kv is not None and batch in self._batches:
+            size = _bytes(kv)
+            self._viewing[key] = (batch, size)
+            self._batches[batch][1] += size
+            self._batches[batch][2].add(key)
 
     def _drop(self, key: str) -> KV | None:
         self._unlink(key)
@@ -120,13 +122,14 @@ class SeqStore:
         """`key` stops viewing its batch's tensors. Once the keys left view less than half of
         them, they get copies of their own, so the batch's memory is freed: a few long-lived
         views cannot pin many large batches (each batch is copied at most once, and at most half)."""
-        batch = self._viewing.pop(key, None)
+        batch, size = self._viewing.pop(key, (None, 0))
         if batch is None:
             return
-        size, keys = self._batches[batch]
-        keys.discard(key)
-        if 2 * sum(_bytes(self.caches[k]) for k in keys) < size:
-            for k in keys:
+        entry = self._batches[batch]
+        entry[1] -= size
+        entry[2].discard(key)
+        if 2 * entry[1] < entry[0]:
+            for k in entry[2]:
                 self.caches[k] = _copied(self.caches[k])
                 del self._viewing[k]
             del self._batches[batch]
@@ -137,7 +140,7 @@ class SeqStore:
                 raise CacheLost(f"cache {src!r} is gone")
             kv = self.caches[src]
             self._set(dst, None if kv is None else [(k[row:row + 1], v[row:row + 1]) for k, v in kv],
-                      self._viewing.get(src))
+                      self._viewing.get(src, (None, 0))[0])
             self._drop(src)
         if run.fork is not None:
             if run.fork not in self.caches:
@@ -221,7 +224,7 @@ class SeqStore:
         batch = None
         if len(runs) > 1:  # several keys will view these tensors: track them (see `_unlink`)
             batch = self._forwards = self._forwards + 1
-            self._batches[batch] = (sum(k.nbytes + v.nbytes for k, v in layers), set())
+            self._batches[batch] = [sum(k.nbytes + v.nbytes for k, v in layers), 0, set()]
         results, start = [], 0
         for r, n, p, w in zip(runs, rows, lens, widths):
             block = slice(start, start + n)
