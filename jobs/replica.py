@@ -125,8 +125,8 @@ class Replica:
         return {"method": method, "shard": index, "rows": rows, "tokens": tokens,
                 "replica": self.name, "node": self.node, "start": start, "end": time.time(), "fresh": fresh}
 
-    def _row(self, method: str, row: dict, result=None, error: str | None = None, concepts=None) -> dict:
-        out = output_row(row, self.schema, method, result, error, concepts)
+    def _row(self, method: str, row: dict, result=None, error: str | None = None) -> dict:
+        out = output_row(row, self.schema, method, result, error)
         out["replica"] = self.name
         return out
 
@@ -137,21 +137,20 @@ class Replica:
             request = row_input(row, decode).build(self.codec, self.config.limits, self.config.draft is not None)
         except RequestError as err:
             return self._row(method, row, error=str(err))
-        spec = request.reward
-        if os.environ.get(CHAOS_ENV) in spec.concepts:
+        if os.environ.get(CHAOS_ENV) in request.reward.concepts:
             os._exit(1)
-        return self.pipe.coordinator.generate.remote(request), spec
+        return self.pipe.coordinator.generate.remote(request)
 
-    def _collect(self, method: str, row: dict, ref, spec) -> dict:
+    def _collect(self, method: str, row: dict, ref) -> dict:
         try:
-            return self._row(method, row, ray.get(ref), concepts=spec.concepts)
+            return self._row(method, row, ray.get(ref))
         except ray.exceptions.RayTaskError as err:  # this row failed; the others go on
-            return self._row(method, row, error=f"generation failed: {err.cause!r}", concepts=spec.concepts)
+            return self._row(method, row, error=f"generation failed: {err.cause!r}")
 
     def _together(self, method: str, rows: list[dict]) -> list[dict]:
         """All rows in flight at once, so the coordinator's batches stay full."""
         sent = [(row, self._submit(method, row)) for row in rows]
-        return [s if isinstance(s, dict) else self._collect(method, row, *s) for row, s in sent]
+        return [s if isinstance(s, dict) else self._collect(method, row, s) for row, s in sent]
 
     def _one_by_one(self, method: str, rows: list[dict], tries: dict) -> list[dict]:
         tries["blamed"] = tries.get("blamed", []) + tries["started"]  # in flight when the replica died
@@ -165,7 +164,7 @@ class Replica:
             tries["started"].append(row["row"])  # marked while it runs: if the replica dies now, it is to blame
             self._save_attempts(method, tries)
             sent = self._submit(method, row)
-            out.append(sent if isinstance(sent, dict) else self._collect(method, row, *sent))
+            out.append(sent if isinstance(sent, dict) else self._collect(method, row, sent))
             tries["started"].remove(row["row"])
             self._save_attempts(method, tries)
         return out

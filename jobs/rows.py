@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from cdsl.config import DecodeConfig, RequestError
 from cdsl.methods import Generation
 from cdsl.request import RequestInput, validation_error
-from cdsl.rewards import RewardSpec, coverage
+from cdsl.rewards import RewardSpec
 from cdsl.tasks import parse_concepts
 
 OUTPUT = pa.schema([("method", pa.string()), ("error", pa.string()), ("text", pa.string()),
@@ -153,15 +153,15 @@ def _fit(value, kind: pa.DataType):
     return value
 
 
-def output_row(row: dict, schema: pa.Schema, method: str, result: Generation | None, error: str | None,
-               concepts: list[str] | None) -> dict:
-    """Input columns plus text, coverage, per-row stats and error."""
+def output_row(row: dict, schema: pa.Schema, method: str, result: Generation | None, error: str | None) -> dict:
+    """Input columns plus text, coverage (the generation's final reward: a row's only constraint
+    is its concepts), per-row stats and error."""
     out = {f.name: _fit(row.get(f.name), f.type) for f in schema}
     out.update(dict.fromkeys(OUTPUT.names))
     out.update(method=method, error=error)
     if result is not None:
         s = result.stats
-        out.update(text=result.text, coverage=coverage(result.text, concepts), finish_reason=result.finish_reason,
+        out.update(text=result.text, coverage=result.reward, finish_reason=result.finish_reason,
                    tokens=s.tokens, target_calls=s.target_calls, draft_calls=s.draft_calls,
                    reward_calls=s.reward_calls, acceptance=s.acceptance, time_s=s.time_total, **s.states)
     return out

@@ -157,6 +157,7 @@ def test_parquet_input_columns_kept_in_output(tmp_path):
     import pyarrow as pa
 
     from cdsl.methods import Generation
+    from cdsl.rewards import coverage
     from jobs.rows import output_row, to_table
 
     src = tmp_path / "in.parquet"
@@ -167,8 +168,10 @@ def test_parquet_input_columns_kept_in_output(tmp_path):
     assert request.prompt.startswith("Concepts: dog, cat")
     with pytest.raises(ValueError, match="concepts"):
         check_row(rows[1])
-    out = [output_row(rows[0], schema, "cdsl", Generation(" a dog and a cat", [1], "eos"), None, spec.concepts),
-           output_row(rows[1], schema, "cdsl", None, "concepts: empty", None)]
+    text = " a dog and a cat"
+    done = Generation(text, [1], "eos", reward=coverage(text, spec.concepts))
+    out = [output_row(rows[0], schema, "cdsl", done, None),
+           output_row(rows[1], schema, "cdsl", None, "concepts: empty")]
     table = to_table(out, schema)
     assert table.column_names[:4] == ["row", "id", "concepts", "source"]
     got = table.to_pylist()
