@@ -82,7 +82,7 @@ class PipelineConfig(BaseModel):
 
 
 class ServerConfig(BaseModel):
-    """The OpenAI-compatible HTTP endpoint: the pipeline behind it, its name, limits and auth.
+    """The OpenAI-compatible HTTP endpoint: the pipeline behind it, its name, reward models and auth.
     Each Serve replica runs one pipeline, so replicas scale model capacity."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)

@@ -106,11 +106,6 @@ class RequestInput(BaseModel):
             raise ValueError(f"give one of prompt, messages, dialogue (got {' and '.join(given)})")
         return self
 
-    @property
-    def has_constraint(self) -> bool:
-        c = self.constraints
-        return bool(c.concepts or c.keywords or c.regex is not None or c.reward_model)
-
     def check_limits(self, limits: Limits) -> None:
         """RequestError naming the first field over its limit."""
         c = self.constraints
@@ -151,11 +146,11 @@ class RequestInput(BaseModel):
         self.check_limits(limits)
         prompt = self.render(codec.tokenizer)
         try:
-            check_inputs(self.decode.method, has_draft, self.has_constraint)
+            check_inputs(self.decode.method, has_draft, self.constraints.given)
         except RequestError as err:
             raise RequestError("decode.method" if err.field == "method" else err.field, err.problem) from None
         try:
             codec.check_fits(len(codec.prompt_ids(prompt)), self.decode.max_new_tokens, budget_field)
         except ValueError as err:
             raise RequestError(self._source_size()[0], str(err).removeprefix("prompt: ")) from None
-        return Request(prompt, self.decode, self.constraints if self.has_constraint else None, self.id)
+        return Request(prompt, self.decode, self.constraints if self.constraints.given else None, self.id)

@@ -29,10 +29,6 @@ class RewardInput:
     """Lookahead or draft text being judged."""
     final: bool = False
     """True when the text ends after the continuation (EOS or token budget reached)."""
-    budget: int = 0
-    """Tokens still allowed after the continuation."""
-    length: int = 0
-    """Tokens generated so far, continuation included."""
 
     @property
     def text(self) -> str:
@@ -170,6 +166,11 @@ class RewardSpec(BaseModel):
             except re.error as err:
                 raise ValueError(f"not a valid regular expression ({err})") from None
         return pattern
+
+    @property
+    def given(self) -> bool:
+        """Whether any constraint is set (a request without one has no reward)."""
+        return bool(self.concepts or self.keywords or self.regex is not None or self.reward_model is not None)
 
     @property
     def monotone(self) -> bool:

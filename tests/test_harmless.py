@@ -51,7 +51,7 @@ def test_eval_reward_prints_pairwise_accuracy(tmp_path, reward_model_dir):
     assert got["pairs"]["accuracy"] + got["swapped"]["accuracy"] == pytest.approx(1.0)
     assert got["ties"]["accuracy"] == 0.0
     rm = RewardModel(str(reward_model_dir))
-    direct = pairwise_accuracy(lambda t: rm.score([RewardInput("", "", x, True, 0, 0) for x in t]), pairs)
+    direct = pairwise_accuracy(lambda t: rm.score([RewardInput("", "", x, True) for x in t]), pairs)
     assert direct == got["pairs"]["accuracy"]
 
 
@@ -107,7 +107,7 @@ def test_reward_model_steers_cdlh_and_combines_with_concepts(pairs, reward_model
     spec = RewardSpec(concepts=["dog"], reward_model=str(reward_model_dir))
     combined = spec.build()
     assert isinstance(combined, Combined)
-    item = RewardInput(prompt, "", " the dog", True, 0, 0)
+    item = RewardInput(prompt, "", " the dog", True)
     expected = (Coverage(["dog"]).score([item])[0] + rm.score([item])[0]) / 2
     assert combined.score([item])[0] == pytest.approx(expected)
     out = generate(prompt, target, draft, combined, cfg.model_copy(update={"method": "cdsl", "tau_reward": 0.5}))

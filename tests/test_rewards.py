@@ -25,13 +25,13 @@ def test_fraction():
     assert coverage("A dog catches a frisbee.", ["dog", "frisbee", "catch", "throw"]) == 0.75
 
 
-def item(text, final=False, budget=10, prefix=""):
-    return RewardInput("p", prefix, text, final, budget)
+def item(text, final=False, prefix=""):
+    return RewardInput("p", prefix, text, final)
 
 
 def test_coverage_judges_prefix_and_continuation_together():
     cov = Coverage(["dog", "frisbee", "catch", "throw"])
-    assert cov.score([item(" A dog", budget=20)]) == [0.25]
+    assert cov.score([item(" A dog")]) == [0.25]
     assert cov.score([item(" catches it", prefix="A dog")]) == [0.5]
 
 

@@ -98,8 +98,7 @@ class Context:
         for cont in continuations:
             kept, final = self.cut(cont)
             full = self.lm.decode(self.out + kept)
-            items.append(RewardInput(self.prompt, prefix, full[len(prefix):], final,
-                                     max(0, self.budget - len(kept)), len(self.out) + len(kept)))
+            items.append(RewardInput(self.prompt, prefix, full[len(prefix):], final))
         return items
 
     def rewards(self, continuations: list[list[int]]) -> torch.Tensor:
