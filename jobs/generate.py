@@ -87,6 +87,9 @@ def _run_method(plan: Plan, method: str, config: PipelineConfig, out: Path, repl
     result: dict = {"tokens": 0, "seconds": 0.0, "replicas": {}}
     if not todo:
         return result
+    # MIN replicas start before the first shard is handed out (Ray Data's default dispatches to
+    # whichever replica is up first, so a short job could run on one replica of many)
+    ray.data.DataContext.get_current().wait_for_min_actors_s = int(config.start_timeout_s)
     pool = ray.data.ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1],
                                       max_concurrent_calls_per_actor=shards_per_replica)
     args = {"config": config.model_dump(mode="json"), "input": plan.path, "output": str(out), "run": run,
