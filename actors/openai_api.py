@@ -74,6 +74,7 @@ class CdslOptions(BaseModel):
     k: int | None = None
     lookahead: int | None = None
     draft_len: int | None = None
+    draft_confidence: float | None = None
     tau_accept: float | None = None
     tau_reward: float | None = None
     gain_share: float | None = None

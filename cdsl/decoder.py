@@ -47,6 +47,11 @@ class LocalRunner:
         self.store.release(key)
 
 
+def unsure(logits: torch.Tensor, confidence: float) -> bool:
+    """Whether no row of `logits` [..., V] gives any token probability `confidence` or more."""
+    return bool(torch.softmax(logits.float(), -1).amax(-1).max() < confidence)
+
+
 SHARED_PENDING = 4
 """A rollout feeds at most this many uncached prefix tokens in every row (saving a call); a
 longer pending stretch, or a prompt with no cache yet to fork, is run once first instead."""
@@ -141,15 +146,19 @@ class Decoder:
         self._rollouts += 1
         return f"{self.key}:rollout{self._rollouts}"
 
-    def rollout(self, candidates: list[int], steps: int, pick) -> Rollout:
+    def rollout(self, candidates: list[int], steps: int, pick, confidence: float = 0.0) -> Rollout:
         """Roll each candidate out `steps` tokens in one batched call per step, forking the
-        prefix cache. `pick(logits [k, V]) -> [k]` chooses each next token."""
+        prefix cache. `pick(logits [k, V]) -> [k]` chooses each next token. With `confidence`,
+        the rollout ends early (after at least one token) once no row's next token has that
+        probability under this model: a token the model itself doubts is likely rejected."""
         pending = self._pending_for_rows()
         key, base = self._fork_key(), self.n_cached
         feed, out, rows = [[*pending, c] for c in candidates], [], []
         for i in range(steps):
             keep = base + len(pending) + i if i else base
             logits = self._run(key, feed, keep, fork=self.key if i == 0 else None, last_only=True)
+            if i and confidence and unsure(logits, confidence):
+                break
             picked = pick(logits)
             rows.append(logits)
             out.append(picked[:, None])

@@ -32,7 +32,8 @@ SAMPLES = BUNDLED / "samples.jsonl"
 HARMLESS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-dev.jsonl"
 """The hh-rlhf pairs beside a checkout of this project (absent on a user's machine)."""
 SWEEPABLE = {"gain_share": float, "accept_ratio": float, "tau_accept": float, "tau_reward": float,
-             "draft_len": int, "k": int, "lookahead": int, "reward_weight": float, "reward_range": float}
+             "draft_len": int, "draft_confidence": float, "k": int, "lookahead": int, "reward_weight": float,
+             "reward_range": float}
 
 
 def load_samples(path: str | Path = SAMPLES) -> list[list[str]]:

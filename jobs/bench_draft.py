@@ -66,6 +66,8 @@ def main(
     dataset: Path = typer.Option(DEV, help="CommonGen jsonl (dev: the project's defaults are chosen there)."),
     limit: int = typer.Option(50, min=1, help="Concept sets for the SD and agreement figures."),
     draft_len: int = typer.Option(4, min=1, help="d of speculative decoding."),
+    confidence: float = typer.Option(0.0, min=0.0, max=1.0, help="draft_confidence of speculative decoding "
+                                     "(0: always d tokens)."),
     max_new_tokens: int = typer.Option(48, min=1),
     threads: int = typer.Option(2, min=1),
     out: Path = typer.Option(None, help="Also write the figures to this JSON file."),
@@ -81,7 +83,8 @@ def main(
     cost = {f"batch{b}": forward_ms(models, b) for b in (1, 5)}
     sets = [row["concepts"] for row in read_commongen_jsonl(dataset)][:limit]
     greedy_cfg = DecodeConfig(method="greedy", max_new_tokens=max_new_tokens)
-    sd_cfg = DecodeConfig(method="sd", draft_len=draft_len, max_new_tokens=max_new_tokens)
+    sd_cfg = DecodeConfig(method="sd", draft_len=draft_len, draft_confidence=confidence,
+                          max_new_tokens=max_new_tokens)
     wall = {"greedy": 0.0, "sd": 0.0}
     drafted = accepted = same = hits = positions = 0
     for concepts in tqdm(sets, desc="dev sets", mininterval=10):
@@ -99,7 +102,8 @@ def main(
         "target": target, "draft": draft, "dataset": str(dataset), "sets": len(sets), "threads": threads,
         "forward_ms": cost,
         "forward_ratio": {b: c["target"] / c["draft"] for b, c in cost.items()},
-        "sd": {"draft_len": draft_len, "acceptance": accepted / max(1, drafted), "wall_s": wall["sd"],
+        "sd": {"draft_len": draft_len, "draft_confidence": confidence, "acceptance": accepted / max(1, drafted),
+               "wall_s": wall["sd"],
                "greedy_wall_s": wall["greedy"], "wall_vs_greedy": wall["sd"] / wall["greedy"],
                "outputs_equal_to_greedy": same},
         "teacher_forced_agreement": hits / max(1, positions),
@@ -123,12 +127,17 @@ def figure_table(f: dict) -> str:
         "|---|---|",
         *[f"| one-token forward, batch {b[5:]}: target / draft | {c[b]['target']:.1f} ms / {c[b]['draft']:.1f} ms "
           f"({f['forward_ratio'][b]:.1f}x cheaper) |" for b in ("batch1", "batch5")],
-        f"| speculative decoding (greedy, d = {sd['draft_len']}): draft tokens accepted | {sd['acceptance']:.1%} |",
+        f"| speculative decoding (greedy, d = {sd['draft_len']}{_confidence(sd)}): draft tokens accepted | "
+        f"{sd['acceptance']:.1%} |",
         f"| speculative decoding wall time vs greedy decoding | {sd['wall_vs_greedy']:.2f}x "
         f"({sd['wall_s']:.1f} s / {sd['greedy_wall_s']:.1f} s) |",
         f"| outputs of speculative decoding equal to greedy's | {sd['outputs_equal_to_greedy']} of {f['sets']} |",
         f"| teacher-forced top-1 agreement with the target's greedy outputs | {f['teacher_forced_agreement']:.1%} |",
     ])
+
+
+def _confidence(sd: dict) -> str:
+    return f", draft_confidence {sd['draft_confidence']}" if sd.get("draft_confidence") else ""
 
 
 def refresh_card(card: Path, figures: dict) -> None:

@@ -69,6 +69,7 @@ def generate(
     k: int = _opt("k"),
     lookahead: int = _opt("lookahead"),
     draft_len: int = _opt("draft_len"),
+    draft_confidence: float = _opt("draft_confidence"),
     tau_accept: float = _opt("tau_accept"),
     tau_reward: float = _opt("tau_reward"),
     gain_share: float = _opt("gain_share"),
@@ -93,7 +94,8 @@ def generate(
             prompt=prompt, dialogue=dialogue,
             constraints=RewardSpec(concepts=parse_concepts(concepts) if concepts else [], keywords=split_list(keywords),
                                    regex=regex, reward_model=reward_model, reward_model_label=reward_label),
-            decode=DecodeConfig(method=method, k=k, lookahead=lookahead, draft_len=draft_len, tau_accept=tau_accept,
+            decode=DecodeConfig(method=method, k=k, lookahead=lookahead, draft_len=draft_len,
+                                draft_confidence=draft_confidence, tau_accept=tau_accept,
                                 tau_reward=tau_reward, gain_share=gain_share, reward_range=reward_range,
                                 accept_ratio=accept_ratio, reward_weight=reward_weight,
                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
@@ -228,6 +230,7 @@ def bench(
     k: int = _opt("k"),
     lookahead: int = _opt("lookahead"),
     draft_len: int = _opt("draft_len"),
+    draft_confidence: float = _opt("draft_confidence"),
     tau_accept: float = _opt("tau_accept"),
     tau_reward: float = _opt("tau_reward"),
     gain_share: float = _opt("gain_share"),
@@ -255,7 +258,8 @@ def bench(
     if task not in ("commongen", "harmless"):
         fail(f"--task must be commongen or harmless, got {task!r}")
     try:
-        base = DecodeConfig(k=k, lookahead=lookahead, draft_len=draft_len, tau_accept=tau_accept,
+        base = DecodeConfig(k=k, lookahead=lookahead, draft_len=draft_len, draft_confidence=draft_confidence,
+                            tau_accept=tau_accept,
                             tau_reward=tau_reward, gain_share=gain_share, reward_range=reward_range,
                             accept_ratio=accept_ratio,
                             reward_weight=reward_weight, max_new_tokens=max_new_tokens)

@@ -74,9 +74,9 @@ def refresh_readme(readme: Path, results: dict) -> None:
     if START not in text or END not in text:
         raise ValueError(f"{readme}: no {START} ... {END} markers to refresh")
     cfg = results["config"]
-    settings = ", ".join(f"{k}={cfg[k]}" for k in ("k", "lookahead", "draft_len", "tau_accept", "tau_reward",
-                                                   "gain_share", "accept_ratio", "reward_weight", "max_new_tokens")
-                         if k in cfg)
+    keys = ("k", "lookahead", "draft_len", "draft_confidence", "tau_accept", "tau_reward", "gain_share",
+            "accept_ratio", "reward_weight", "max_new_tokens")
+    settings = ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
     body = (f"{cfg['n']} concept sets of `{cfg['dataset']}`, default pair, {settings}; "
             f"measured in one run by `make bench`.\n\n{report_table(results)}\n")
     head, rest = text.split(START, 1)

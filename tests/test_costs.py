@@ -55,6 +55,21 @@ def test_sd_costs(pairs, d):
     assert steps(out) >= s.accepted + s.rounds - d
 
 
+@pytest.mark.parametrize("method", ["sd", "cdsl"])
+def test_draft_confidence_ends_proposals_early_and_stays_lossless(pairs, method):
+    """A random-weight draft is never sure of a token, so at draft_confidence 0.99 each round
+    proposes exactly one; the text stays the one without the stop (greedy's, for sd)."""
+    target, draft = pairs["llama"]
+    full = run(target, draft, method, draft_len=4, gain_share=0.0)
+    short = run(target, draft, method, draft_len=4, gain_share=0.0, draft_confidence=0.99)
+    assert short.token_ids == full.token_ids
+    assert full.stats.drafted > full.stats.rounds  # without the stop, rounds propose several tokens
+    assert short.stats.drafted == short.stats.rounds
+    assert short.stats.draft_calls < full.stats.draft_calls
+    never = run(target, draft, method, draft_len=4, gain_share=0.0, draft_confidence=1e-9)
+    assert never.stats.drafted == full.stats.drafted  # a stop no token falls below changes nothing
+
+
 def test_cdsl_identical_draft_always_accepts(pairs):
     target, _ = pairs["llama"]
     out = run(target, target, "cdsl", draft_len=4)
@@ -111,8 +126,9 @@ def test_cdsl_partial_acceptance_policies(pairs, family, tau_accept):
             assert s.states["S3"] == s.states["S4"] == 0
 
 
-@pytest.mark.parametrize("action", ["verified_prefix", "accept_draft", "cdlh_appx", "cdlh"])
-def test_cdsl_actions_leave_both_caches_consistent(pairs, action):
+@pytest.mark.parametrize("action,confidence", [("verified_prefix", 0.0), ("verified_prefix", 0.99),
+                                               ("accept_draft", 0.0), ("cdlh_appx", 0.0), ("cdlh", 0.0)])
+def test_cdsl_actions_leave_both_caches_consistent(pairs, action, confidence):
     """After rounds of each action, each model's next logits equal a fresh prefill of its ids."""
     import torch
 
@@ -124,7 +140,8 @@ def test_cdsl_actions_leave_both_caches_consistent(pairs, action):
     target, draft = pairs["llama"]
     policy = {s: action for s in ("S1", "S2", "S3", "S4")}
     ctx = Context(PROMPT, target, draft, REWARD, DecodeConfig(method="cdsl", max_new_tokens=14, policy=policy,
-                                                             accept_ratio=0.2, k=3, lookahead=3, draft_len=3))
+                                                             accept_ratio=0.2, k=3, lookahead=3, draft_len=3,
+                                                             draft_confidence=confidence))
     cdsl(ctx)
     assert ctx.stats.rounds > 1 and ctx.stats.tokens > 0
     for dec, lm in ((ctx.target, target), (ctx.draft, draft)):
@@ -157,3 +174,24 @@ def test_cdsl_skips_the_search_when_no_candidate_can_win(pairs):
     target, draft = pairs["llama"]
     out = run(target, draft, "cdsl", reward_weight=0.0)
     assert out.stats.states["S2"] == out.stats.states["S4"] == 0 and out.stats.drafted > 0
+
+
+@pytest.mark.parametrize("confidence", [0.0, 0.99])
+def test_sd_leaves_both_caches_consistent(pairs, confidence):
+    """Whether a round ends at d, at EOS or at the confidence stop (its last token then already
+    fed), each model's next logits equal a fresh prefill of its ids."""
+    import torch
+
+    from cdsl.decoder import Decoder
+    from cdsl.methods.context import Context
+    from cdsl.methods.speculative import sd
+    from cdsl.stats import Stats
+
+    target, draft = pairs["llama"]
+    ctx = Context(PROMPT, target, draft, None, DecodeConfig(method="sd", max_new_tokens=14, draft_len=3,
+                                                           draft_confidence=confidence))
+    sd(ctx)
+    assert ctx.stats.rounds > 1
+    for dec, lm in ((ctx.target, target), (ctx.draft, draft)):
+        fresh = Decoder(lm, dec.ids, Stats(), "target").next_logits()
+        assert torch.allclose(dec.next_logits(), fresh, atol=1e-5)

@@ -114,7 +114,8 @@ def keep(ctx: Context, target: Rollout, draft: Rollout | None, row: int, tokens:
 def speculate(ctx: Context, cands: list[int], room: float, all_drafted: bool) -> None:
     """`verified_prefix` / `accept_draft`: speculative decoding from the top candidate; a drafted
     token passes only where the reward has nothing to decide."""
-    drafted = ctx.draft.rollout(cands[:1], max(1, min(ctx.config.draft_len, ctx.budget - 1)), ctx.pick)
+    drafted = ctx.draft.rollout(cands[:1], max(1, min(ctx.config.draft_len, ctx.budget - 1)), ctx.pick,
+                                ctx.config.draft_confidence)
     tokens = cut(ctx, [cands[0], *drafted.tokens[0].tolist()])
     logits = ctx.target.verify(tokens)  # one row: no forked cache to copy
     n, _ = check(ctx, tokens, logits[1:], drafted.logits[0])

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cdsl.decoder import unsure
 from cdsl.methods.context import Context
 
 
@@ -28,7 +29,8 @@ class Verified:
 
 
 def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
-    """The draft rolls out up to d tokens (stopping at EOS); one draft call per token."""
+    """The draft rolls out up to d tokens (stopping at EOS, or before a token it gives less
+    than `draft_confidence`); one draft call per token."""
     tokens, logits = [], []
     row = ctx.draft.next_logits()
     while True:
@@ -36,9 +38,11 @@ def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
         tokens.append(tok)
         logits.append(row)
         if tok in ctx.eos or len(tokens) == d:
+            ctx.draft.push([tok])  # its logits are not needed unless every token passes
             break
         row = ctx.draft.step([tok])[-1]
-    ctx.draft.push(tokens[-1:])
+        if ctx.config.draft_confidence and unsure(row, ctx.config.draft_confidence):
+            break
     return tokens, torch.stack(logits)
 
 
