@@ -116,3 +116,31 @@ def _keys(path) -> list[str]:
 
     with safe_open(str(path), "pt") as f:
         return list(f.keys())
+
+
+def test_bench_draft_measures_sd_variants_side_by_side(model_dirs, tmp_path):
+    """`jobs.bench_draft` runs greedy and each SD variant on the same sets, every variant
+    lossless, and writes the variants into the card's figure table."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from jobs.bench_draft import app
+
+    data = tmp_path / "dev.jsonl"
+    data.write_text('{"concept_set": "dog_N#frisbee_N#catch_V"}\n{"concept_set": "child_N#play_V"}\n')
+    card = tmp_path / "README.md"
+    card.write_text("# draft\n<!-- figures:start -->\nold\n<!-- figures:end -->\nrest\n")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, [
+        "--target", str(model_dirs["llama-target"]), "--draft", str(model_dirs["llama-draft"]),
+        "--dataset", str(data), "--limit", "2", "--confidence", "0,0.99", "--max-new-tokens", "10",
+        "--threads", "1", "--out", str(out), "--card", str(card)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    plain, (stopped,) = figures["sd"], figures["sd_variants"]
+    assert plain["outputs_equal_to_greedy"] == stopped["outputs_equal_to_greedy"] == 2
+    assert stopped["draft_confidence"] == 0.99 and 0 < stopped["drafted"] < plain["drafted"]
+    assert plain["greedy_wall_s"] == stopped["greedy_wall_s"] > 0
+    text = card.read_text()
+    assert "old" not in text and "draft_confidence 0.99" in text and text.endswith("rest\n")
