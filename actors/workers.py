@@ -33,8 +33,9 @@ class ModelWorker:
                  gpu: bool = False) -> None:
         self.rank, self.world, self.master = rank, world, master
         # a rank of a split target loads on the host: DeepSpeed shards it there and moves only
-        # this rank's shard to the GPU, so a target too big for one GPU can still load
-        lm = LM.load(model if world == 1 else model.model_copy(update={"device": "cpu"}))
+        # this rank's shard to the GPU, so a target too big for one GPU can still load; it keeps
+        # its nn.Linear layers, which AutoTP looks for
+        lm = LM.load(model if world == 1 else model.model_copy(update={"device": "cpu", "onednn": False}))
         if world > 1:
             lm = _tensor_parallel(lm, rank, world, master, gpu)
         self.store = SeqStore(lm)

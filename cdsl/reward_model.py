@@ -113,7 +113,7 @@ class RewardModel:
 
     def __init__(self, path: str, label: str | None = None, device: str = "cpu", batch_size: int = 16,
                  max_length: int = 1024, trust_remote_code: bool = False, cached_prompts: int = 32) -> None:
-        from cdsl.models import resolve
+        from cdsl.models import resolve, use_onednn
 
         folder = resolve(path, "reward_model")
         try:
@@ -137,6 +137,8 @@ class RewardModel:
                 raise ValueError(f"reward_model_label: {label!r} is not among the model's labels {sorted(names)}")
             self.label_index = names[label]
         self.device, self.batch_size = device, batch_size
+        if device == "cpu":
+            use_onednn(self.model.base_model)  # the backbone only: the score head stays the nn.Linear read below
         self.store: SeqStore | None = None
         if cached_prompts > 0 and isinstance(getattr(self.model, "score", None), nn.Linear):
             self.store = SeqStore(_Scorer(_HeadAsLM(self.model), self.model.config.num_labels, self.model.device))

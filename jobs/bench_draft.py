@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
 from cdsl.generate import generate, load_pair
-from cdsl.models import LM
+from cdsl.models import LM, parameter_count
 from cdsl.tasks import commongen_prompt, read_commongen_jsonl
 
 app = typer.Typer(add_completion=False)
@@ -116,7 +116,7 @@ def main(
         "sd": sd[0],
         "sd_variants": sd[1:],
         "teacher_forced_agreement": hits / max(1, positions),
-        "draft_parameters_M": sum(p.numel() for p in draft_lm.model.parameters()) / 1e6,
+        "draft_parameters_M": parameter_count(draft_lm.model) / 1e6,
     }
     typer.echo(json.dumps(figures, indent=2))
     if out is not None:

@@ -64,7 +64,7 @@ def test_draft_scores_only_its_head_and_loads_like_any_model(model_dirs, tmp_pat
     target.tokenizer.save_pretrained(tmp_path / "draft")
     loaded = LM.load(str(tmp_path / "draft"))
     assert isinstance(loaded.model, DraftForCausalLM)
-    assert torch.allclose(loaded.model(input_ids=ids).logits, logits)
+    assert torch.allclose(loaded.model(input_ids=ids).logits, logits, atol=1e-4)  # oneDNN rounds differently
     check_same_vocab(loaded, target)
 
 

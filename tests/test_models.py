@@ -5,7 +5,7 @@ from cdsl.config import DecodeConfig, ModelConfig
 from cdsl.generate import generate, load_pair
 from cdsl.models import LM, Codec, VocabularyMismatch
 
-from .conftest import make_model, make_tokenizer
+from .conftest import FAMILIES, make_model, make_tokenizer
 
 
 def test_mismatched_vocabularies_refused(model_dirs, tmp_path):
@@ -118,3 +118,26 @@ def test_out_of_memory_fails_only_the_run_that_cannot_fit(pairs, monkeypatch):
     alone = SeqStore(target).run([Run("alone", [ids], 0)])[0]
     assert all(torch.allclose(o, alone, atol=1e-9) for o in out[:3])
     assert seen[0] == 4 and "huge" not in store.caches and all(f"r{i}" in store.caches for i in range(3))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onednn_packs_cpu_float32_linears_and_keeps_the_logits(model_dirs, family):
+    from torch import nn
+
+    from cdsl.models import PackedLinear, parameter_count
+
+    path = str(model_dirs[f"{family}-target"])
+    plain = LM.load(ModelConfig(path=path, onednn=False))
+    packed = LM.load(ModelConfig(path=path))
+    linears = sum(type(m) is nn.Linear for m in plain.model.modules())
+    assert linears >= 1 and not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == linears
+    assert not any(type(m) is nn.Linear for m in packed.model.modules())
+    assert parameter_count(packed.model) >= parameter_count(plain.model)  # a tied head is packed apart
+    ids = torch.tensor([plain.encode("The dog throws a frisbee"), plain.encode("A child plays in a park")[:6]])
+    assert torch.allclose(packed.model(input_ids=ids).logits, plain.model(input_ids=ids).logits, atol=1e-4)
+    cfg = DecodeConfig(method="greedy", max_new_tokens=12)
+    assert generate("The child", packed, None, None, cfg).token_ids == generate("The child", plain, None, None,
+                                                                               cfg).token_ids
+    wide = LM.load(ModelConfig(path=path, dtype="float64"))  # oneDNN packs float32 only
+    assert not any(isinstance(m, PackedLinear) for m in wide.model.modules())
