@@ -106,13 +106,15 @@ class RewardModel:
     the softmax probability of that label (a classifier such as harmless/harmful). A decoder-only
     classifier caches prompts (up to `cached_prompts` of them, least recently used dropped);
     others, and texts longer than `max_length` tokens (truncated from the left, so the judged
-    text is always seen), get a plain batched forward.
+    text is always seen), get a plain batched forward. `onednn`: on a CPU, the backbone's linear
+    layers run as `cdsl.models.use_onednn` packs them.
     """
 
     monotone = False
 
     def __init__(self, path: str, label: str | None = None, device: str = "cpu", batch_size: int = 16,
-                 max_length: int = 1024, trust_remote_code: bool = False, cached_prompts: int = 32) -> None:
+                 max_length: int = 1024, trust_remote_code: bool = False, cached_prompts: int = 32,
+                 onednn: bool = True) -> None:
         from cdsl.models import resolve, use_onednn
 
         folder = resolve(path, "reward_model")
@@ -137,7 +139,7 @@ class RewardModel:
                 raise ValueError(f"reward_model_label: {label!r} is not among the model's labels {sorted(names)}")
             self.label_index = names[label]
         self.device, self.batch_size = device, batch_size
-        if device == "cpu":
+        if onednn and device == "cpu":
             use_onednn(self.model.base_model)  # the backbone only: the score head stays the nn.Linear read below
         self.store: SeqStore | None = None
         if cached_prompts > 0 and isinstance(getattr(self.model, "score", None), nn.Linear):

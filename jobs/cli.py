@@ -36,6 +36,7 @@ def _opt(name: str):
 
 TARGET = typer.Option(BUILTIN_TARGET, help="Target model: local folder, hub id, .gguf file or builtin name.")
 DRAFT = typer.Option(BUILTIN_DRAFT, help="Draft model: local folder, hub id, .gguf file or builtin name.")
+ONEDNN = typer.Option(True, "--onednn/--no-onednn", help=ModelConfig.model_fields["onednn"].description)
 
 
 def fail(message: str) -> None:
@@ -84,6 +85,7 @@ def generate(
     backend: str = typer.Option("local", help="local: in this process; ray: through the Ray pipeline "
                                 "(a local Ray is started if none is running; RAY_ADDRESS picks a cluster)."),
     target_tp: int = typer.Option(1, help="Tensor-parallel size of the target (--backend ray)."),
+    onednn: bool = ONEDNN,
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ..., "stats": {...}}.'),
 ) -> None:
     """Generate one text under a constraint and print it (or JSON with its stats)."""
@@ -99,9 +101,9 @@ def generate(
                                 tau_reward=tau_reward, gain_share=gain_share, reward_range=reward_range,
                                 accept_ratio=accept_ratio, reward_weight=reward_weight,
                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
-        target_cfg = ModelConfig(path=target, dtype=dtype, device=device)
+        target_cfg = ModelConfig(path=target, dtype=dtype, device=device, onednn=onednn)
         needs_draft = METHODS[ask.decode.method].needs_draft
-        draft_cfg = ModelConfig(path=draft, dtype=dtype, device=device) if needs_draft else None
+        draft_cfg = ModelConfig(path=draft, dtype=dtype, device=device, onednn=onednn) if needs_draft else None
         request = ask.build(Codec.load(target_cfg, "target"), Limits(), needs_draft)
         reward = request.reward.build() if request.reward is not None else None
     except ValidationError as err:
@@ -238,6 +240,7 @@ def bench(
     accept_ratio: float = _opt("accept_ratio"),
     reward_weight: float = _opt("reward_weight"),
     max_new_tokens: int = _opt("max_new_tokens"),
+    onednn: bool = ONEDNN,
 ) -> None:
     """Benchmark methods side by side (and optionally sweep CDSL's knobs); writes OUT/results.json."""
     from pathlib import Path
@@ -272,13 +275,14 @@ def bench(
         harmless_path = str(HARMLESS_DATA) if dataset == "builtin" else dataset
         sets = (load_dataset(dataset, limit) if task == "commongen"
                 else load_harmless(harmless_path, limit, held_out=held_out))
-        target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))
+        target_lm, draft_lm = load_pair(ModelConfig(path=target, onednn=onednn), ModelConfig(path=draft, onednn=onednn))
         if task == "commongen":
             examples = commongen_examples(sets, target_lm.tokenizer)
         else:  # the dialogues again, now as chat prompts for the target's template
             prompts = load_harmless(harmless_path, limit, target_lm.tokenizer, held_out)
             examples = harmless_examples(prompts, RewardModel(reward_model, reward_label,
-                                                                 cached_prompts=32 if reward_cache else 0), threshold)
+                                                                 cached_prompts=32 if reward_cache else 0,
+                                                                 onednn=onednn), threshold)
     except ValidationError as err:
         fail(validation_error(err))
     except (OSError, ValueError) as err:
