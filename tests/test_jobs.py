@@ -144,3 +144,21 @@ def test_bench_draft_measures_sd_variants_side_by_side(model_dirs, tmp_path):
     assert plain["greedy_wall_s"] == stopped["greedy_wall_s"] > 0
     text = card.read_text()
     assert "old" not in text and "draft_confidence 0.99" in text and text.endswith("rest\n")
+
+
+def test_bench_kernels_prints_both_layer_kinds_for_both_models(model_dirs):
+    from typer.testing import CliRunner
+
+    from jobs.bench_kernels import app
+
+    result = CliRunner().invoke(app, ["--target", str(model_dirs["llama-target"]), "--draft",
+                                      str(model_dirs["llama-draft"]), "--widths", "1,3", "--reps", "1",
+                                      "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    import re
+
+    # (stderr's loading bars share the output: find the rows rather than split lines)
+    rows = re.findall(r"(target|draft) +(mkl|onednn) +([\d.]+) +([\d.]+)(?: +(\S+))?", result.output)
+    assert [r[:2] for r in rows] == [("target", "mkl"), ("target", "onednn"), ("draft", "mkl"), ("draft", "onednn")]
+    assert all(float(x) > 0 for r in rows for x in r[2:4])
+    assert float(rows[1][4]) < 1e-3 and float(rows[3][4]) < 1e-3  # the same logits, to rounding

@@ -1,0 +1,77 @@
+"""What packing the linear layers for oneDNN (`cdsl.models.use_onednn`) buys on this CPU.
+
+    python -m jobs.bench_kernels
+
+For the target and the draft, one forward over 1, 2, 3, 5 and 8 new tokens after a cached
+prefix, with MKL's `nn.Linear` and with the packed layers, interleaved, on the same threads;
+and the largest logit difference between the two. Verification and search steps are the 2-5
+token shapes; greedy decoding is the 1-token one.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import typer
+from transformers import DynamicCache
+
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, ModelConfig
+from cdsl.models import LM
+
+app = typer.Typer(add_completion=False)
+
+
+@torch.inference_mode()
+def forward_ms(models: dict[str, LM], widths: list[int], reps: int, prefix: int = 48) -> dict[str, dict[int, float]]:
+    """Median ms of a forward over `width` new tokens after a cached `prefix`, per model, interleaved."""
+    vocab = min(lm.vocab_size for lm in models.values())
+    ids = torch.randint(vocab // 4, vocab, (1, prefix))
+    caches = {name: lm.model(input_ids=ids, cache=DynamicCache(), use_cache=True).cache for name, lm in models.items()}
+    times: dict[str, dict[int, list[float]]] = {name: {w: [] for w in widths} for name in models}
+    for rep in range(reps + 2):
+        for width in widths:
+            step = torch.randint(vocab // 4, vocab, (1, width))
+            for name, lm in models.items():
+                start = time.perf_counter()
+                lm.model(input_ids=step, cache=caches[name], use_cache=True)
+                if rep >= 2:  # the first two rounds warm up
+                    times[name][width].append((time.perf_counter() - start) * 1000)
+                caches[name].crop(-width)
+    return {name: {w: statistics.median(t) for w, t in by.items()} for name, by in times.items()}
+
+
+@torch.inference_mode()
+def logit_gap(plain: LM, packed: LM) -> float:
+    ids = torch.randint(plain.vocab_size // 4, plain.vocab_size, (2, 32))
+    a, b = plain.model(input_ids=ids).logits, packed.model(input_ids=ids).logits
+    real = a > torch.finfo(a.dtype).min  # a frequent-token head leaves the rest at the lowest value
+    return float((a[real] - b[real]).abs().max())
+
+
+@app.command()
+def main(
+    target: str = typer.Option(BUILTIN_TARGET, help="Target model."),
+    draft: str = typer.Option(BUILTIN_DRAFT, help="Draft model."),
+    widths: str = typer.Option("1,2,3,5,8", help="New tokens per forward, comma-separated."),
+    reps: int = typer.Option(15, min=1),
+    threads: int = typer.Option(2, min=1),
+) -> None:
+    """Print forward ms per width, MKL against packed oneDNN layers, for the target and the draft."""
+    torch.set_num_threads(threads)
+    sizes = [int(w) for w in widths.split(",") if w.strip()]
+    typer.echo(f"forward ms after a 48-token prefix, {threads} threads, median of {reps}")
+    typer.echo(f"{'model':<8} {'layers':<7} " + " ".join(f"{w:>7}" for w in sizes) + "  max |logit diff|")
+    for role, path in (("target", target), ("draft", draft)):
+        plain = LM.load(ModelConfig(path=path, onednn=False), role)
+        packed = LM.load(ModelConfig(path=path), role)
+        ms = forward_ms({"mkl": plain, "onednn": packed}, sizes, reps)
+        gap = logit_gap(plain, packed)
+        for name in ("mkl", "onednn"):
+            row = " ".join(f"{ms[name][w]:7.1f}" for w in sizes)
+            typer.echo(f"{role:<8} {name:<7} {row}" + (f"  {gap:.1e}" if name == "onednn" else ""))
+
+
+if __name__ == "__main__":
+    app()
