@@ -45,7 +45,7 @@ def test_cdlh_appx_costs(pairs):
 @pytest.mark.parametrize("d", [1, 2, 4])
 def test_sd_costs(pairs, d):
     """One target call per round, one draft call per drafted token, n + 1 tokens per round."""
-    out = run(*pairs["llama"], "sd", draft_len=d)
+    out = run(*pairs["llama"], "sd", draft_len=d, draft_confidence=0.0)
     s = out.stats
     assert s.target_calls == s.rounds
     assert s.draft_calls == s.drafted
@@ -60,7 +60,7 @@ def test_draft_confidence_ends_proposals_early_and_stays_lossless(pairs, method)
     """A random-weight draft is never sure of a token, so at draft_confidence 0.99 each round
     proposes exactly one; the text stays the one without the stop (greedy's, for sd)."""
     target, draft = pairs["llama"]
-    full = run(target, draft, method, draft_len=4, gain_share=0.0)
+    full = run(target, draft, method, draft_len=4, gain_share=0.0, draft_confidence=0.0)
     short = run(target, draft, method, draft_len=4, gain_share=0.0, draft_confidence=0.99)
     assert short.token_ids == full.token_ids
     assert full.stats.drafted > full.stats.rounds  # without the stop, rounds propose several tokens

@@ -23,12 +23,12 @@ def test_reductions_to_greedy(pairs, family, prompt):
     pair = pairs[family]
     ref = run(pair, "greedy", prompt)
     assert ref.stats.tokens > 0
-    for d in (1, 3, 5):
-        assert run(pair, "sd", prompt, draft_len=d).token_ids == ref.token_ids
-        same = run(pair, "cdsl", prompt, draft_len=d, tau_accept=1.0, tau_reward=0.0)
+    for d, stop in ((1, 0.0), (3, 0.0), (5, 0.0), (5, 0.4)):  # 0: whole proposals; 0.4 (default): cut short
+        assert run(pair, "sd", prompt, draft_len=d, draft_confidence=stop).token_ids == ref.token_ids
+        same = run(pair, "cdsl", prompt, draft_len=d, draft_confidence=stop, tau_accept=1.0, tau_reward=0.0)
         assert same.token_ids == ref.token_ids
         assert same.stats.states["S2"] == same.stats.states["S4"] == 0
-        assert run(pair, "cdsl", prompt, draft_len=d, gain_share=0.0).token_ids == ref.token_ids
+        assert run(pair, "cdsl", prompt, draft_len=d, draft_confidence=stop, gain_share=0.0).token_ids == ref.token_ids
     for method in ("cdlh", "cdlh-appx"):
         assert run(pair, method, prompt, k=1, lookahead=3).token_ids == ref.token_ids
 
