@@ -67,8 +67,9 @@ def main(
     dataset: Path = typer.Option(DEV, help="CommonGen jsonl (dev: the project's defaults are chosen there)."),
     limit: int = typer.Option(50, min=1, help="Concept sets for the SD and agreement figures."),
     draft_len: int = typer.Option(4, min=1, help="d of speculative decoding."),
-    confidence: str = typer.Option("0", help="draft_confidence values of speculative decoding, comma-separated, "
-                                   "each run side by side with greedy (0: always d tokens; the first is the card's)."),
+    confidence: str = typer.Option(f"{DecodeConfig().draft_confidence},0",
+                                   help="draft_confidence values of speculative decoding, comma-separated, each run "
+                                   "side by side with greedy (0: always d tokens; the first is the card's)."),
     max_new_tokens: int = typer.Option(48, min=1),
     threads: int = typer.Option(2, min=1),
     out: Path = typer.Option(None, help="Also write the figures to this JSON file."),
