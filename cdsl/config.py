@@ -80,9 +80,9 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     """Allow model code from the hub; off unless you trust the source."""
     onednn: bool = True
-    """On a CPU in float32, run the linear layers through oneDNN with pre-packed weights
+    """On a CPU in float32, run the linear layers through oneDNN with weights packed once
     (`cdsl.models.use_onednn`): forwards over 2-5 new tokens, the shape of every verification
-    and k-row search step, cost 1.2-1.7x less. Ignored on other devices and dtypes."""
+    and k-row search step, cost much less than with MKL. Ignored on other devices and dtypes."""
 
 
 class DecodeConfig(_Strict):

@@ -77,11 +77,11 @@ def use_onednn(model: nn.Module) -> int:
     """Swap every plain `nn.Linear` of `model` that holds a CPU float32 weight for a
     `PackedLinear`; returns how many were swapped.
 
-    A forward of a small model on a CPU streams every weight from memory once, and MKL's matrix
-    multiply runs 2 or 3 rows as that many passes over the weights: on this project's 2-core CPU
-    the default target took 60 ms for one new token, 101 ms for 2, 124 ms for 3 and 77 ms for 5;
-    with oneDNN's packed weights 58, 66, 68 and 73 ms, and the same logits to 1e-4. Verifying a
-    draft and stepping k search rows are exactly those shapes. A tied output head gets its own
+    A small model's forward on a CPU streams every weight from memory once, and MKL's matrix
+    multiply runs 2 or 3 rows as that many passes over the weights; oneDNN's packed weights do
+    not, so a forward over 2-5 new tokens (verifying a draft, a k-row search step) costs little
+    more than one over a single token, with the same logits to rounding. `python -m
+    jobs.bench_kernels` measures it (the README has the figures). A tied output head gets its own
     packed copy (one more head's worth of memory). A model DeepSpeed will split must keep its
     `nn.Linear`s, which AutoTP looks for."""
     if not torch.backends.mkldnn.is_available():
