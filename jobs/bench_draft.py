@@ -32,11 +32,12 @@ DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "commongen" / "d
 
 
 @torch.inference_mode()
-def forward_ms(models: dict[str, LM], batch: int, reps: int = 30, prefix: int = 48) -> dict[str, float]:
-    """Median milliseconds of a one-token forward after a cached prefix, per model, interleaved."""
+def forward_ms(models: dict[str, LM], batch: int, reps: int = 30, prefix: int = 48, width: int = 1) -> dict[str, float]:
+    """Median milliseconds of a forward over `width` new tokens in each of `batch` rows after a
+    cached prefix, per model, interleaved."""
     vocab = min(lm.vocab_size for lm in models.values())
     ids = torch.randint(vocab // 4, vocab, (batch, prefix))  # ordinary tokens, past the special ones
-    step = torch.randint(vocab // 4, vocab, (batch, 1))
+    step = torch.randint(vocab // 4, vocab, (batch, width))
     caches = {}
     for name, lm in models.items():
         caches[name] = lm.model(input_ids=ids, cache=DynamicCache(), use_cache=True).cache
@@ -46,7 +47,7 @@ def forward_ms(models: dict[str, LM], batch: int, reps: int = 30, prefix: int = 
             start = time.perf_counter()
             lm.model(input_ids=step, cache=caches[name], use_cache=True)
             times[name].append((time.perf_counter() - start) * 1000)
-            caches[name].crop(-1)  # back to the prefix
+            caches[name].crop(-width)  # back to the prefix
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -10,36 +10,14 @@ token shapes; greedy decoding is the 1-token one.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import typer
-from transformers import DynamicCache
 
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, ModelConfig
 from cdsl.models import LM
+from jobs.bench_draft import forward_ms
 
 app = typer.Typer(add_completion=False)
-
-
-@torch.inference_mode()
-def forward_ms(models: dict[str, LM], widths: list[int], reps: int, prefix: int = 48) -> dict[str, dict[int, float]]:
-    """Median ms of a forward over `width` new tokens after a cached `prefix`, per model, interleaved."""
-    vocab = min(lm.vocab_size for lm in models.values())
-    ids = torch.randint(vocab // 4, vocab, (1, prefix))
-    caches = {name: lm.model(input_ids=ids, cache=DynamicCache(), use_cache=True).cache for name, lm in models.items()}
-    times: dict[str, dict[int, list[float]]] = {name: {w: [] for w in widths} for name in models}
-    for rep in range(reps + 2):
-        for width in widths:
-            step = torch.randint(vocab // 4, vocab, (1, width))
-            for name, lm in models.items():
-                start = time.perf_counter()
-                lm.model(input_ids=step, cache=caches[name], use_cache=True)
-                if rep >= 2:  # the first two rounds warm up
-                    times[name][width].append((time.perf_counter() - start) * 1000)
-                caches[name].crop(-width)
-    return {name: {w: statistics.median(t) for w, t in by.items()} for name, by in times.items()}
 
 
 @torch.inference_mode()
@@ -66,10 +44,12 @@ def main(
     for role, path in (("target", target), ("draft", draft)):
         plain = LM.load(ModelConfig(path=path, onednn=False), role)
         packed = LM.load(ModelConfig(path=path), role)
-        ms = forward_ms({"mkl": plain, "onednn": packed}, sizes, reps)
+        for lm in (plain, packed):  # warm-up
+            forward_ms({"m": lm}, 1, reps=2)
+        ms = {w: forward_ms({"mkl": plain, "onednn": packed}, 1, reps, width=w) for w in sizes}
         gap = logit_gap(plain, packed)
         for name in ("mkl", "onednn"):
-            row = " ".join(f"{ms[name][w]:7.1f}" for w in sizes)
+            row = " ".join(f"{ms[w][name]:7.1f}" for w in sizes)
             typer.echo(f"{role:<8} {name:<7} {row}" + (f"  {gap:.1e}" if name == "onednn" else ""))
 
 
