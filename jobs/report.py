@@ -12,9 +12,15 @@ from jobs.bench import Example
 
 
 def speedups(methods: dict[str, dict], ref: str = "cdlh") -> dict[str, float]:
+    """Each method's speed relative to `ref`'s: ref's wall time / its own (empty without `ref`)."""
     if ref not in methods:
         return {}
     return {name: methods[ref]["wall_s"] / max(1e-9, d["wall_s"]) for name, d in methods.items()}
+
+
+def walls_vs(methods: dict[str, dict], ref: str = "greedy") -> dict[str, float]:
+    """Each method's wall time as a multiple of `ref`'s (empty without `ref`)."""
+    return {name: 1 / s for name, s in speedups(methods, ref).items()}
 
 
 def save_results(folder: Path, examples: list[Example], results: dict[str, dict], main: list[str],
@@ -32,7 +38,7 @@ def save_results(folder: Path, examples: list[Example], results: dict[str, dict]
     report = {"config": {**setup, "n": len(examples),
                          "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"},
               "methods": methods, "speedup_vs_cdlh": speedups(methods),
-              "sweep": {n: d for n, d in results.items() if n not in methods}}
+              "wall_vs_greedy": walls_vs(methods), "sweep": {n: d for n, d in results.items() if n not in methods}}
     (folder / "results.json").write_text(json.dumps(report, indent=2))
     write_report(folder, report)
     return report
@@ -49,19 +55,22 @@ def write_report(out: Path, results: dict) -> None:
 
 def report_table(results: dict) -> str:
     speed = results.get("speedup_vs_cdlh", {})
+    # older results.json files lack the greedy ratio: derive it from the walls
+    vs_greedy = results.get("wall_vs_greedy") or walls_vs(results["methods"])
     harmless = results["config"].get("task", "commongen") == "harmless"
     ok, mean = (f"reward >= {results['config'].get('threshold', 0.5)}", "mean reward") if harmless else (
         "all concepts", "mean coverage")
     extra = " reward ms/token |" if harmless else ""  # a reward model's cost is the harmless task's question
     rows = [f"| method | {ok} | {mean} | perplexity | wall s | tokens/s | target calls/token "
-            f"| speedup vs CDLH | time in forward passes |{extra} states S1/S2/S3/S4 |",
-            "|---" * (11 if harmless else 10) + "|"]
+            f"| speedup vs CDLH | wall vs greedy | time in forward passes |{extra} states S1/S2/S3/S4 |",
+            "|---" * (12 if harmless else 11) + "|"]
     for name, d in results["methods"].items():
         states = "/".join(str(d["states"][s]) for s in ("S1", "S2", "S3", "S4")) if sum(d["states"].values()) else "-"
         cost = f" {1000 * d.get('reward_s_per_token', 0.0):.0f} |" if harmless else ""
         rows.append(f"| {name} | {d['ok_share']:.1%} | {d['score_mean']:.1%} | {d['perplexity']:.1f} "
                     f"| {d['wall_s']:.1f} | {d['tokens_per_s']:.0f} | {d['target_calls_per_token']:.2f} "
-                    f"| {speed.get(name, float('nan')):.2f}x | {d['time_model_share']:.0%} |{cost} {states} |")
+                    f"| {speed.get(name, float('nan')):.2f}x | {vs_greedy.get(name, float('nan')):.2f}x "
+                    f"| {d['time_model_share']:.0%} |{cost} {states} |")
     return "\n".join(rows)
 
 

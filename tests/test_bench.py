@@ -47,12 +47,15 @@ def test_bench_end_to_end(model_dirs, tmp_path):
             assert key in d
         assert 0 <= d["coverage_all"] <= d["coverage_mean"] + 1e-9 <= 1 + 1e-9 and d["perplexity"] > 1
     assert results["speedup_vs_cdlh"]["cdlh"] == 1.0 and len(results["sweep"]) == 2
+    walls = {name: d["wall_s"] for name, d in results["methods"].items()}
+    assert results["wall_vs_greedy"]["greedy"] == 1.0
+    assert results["wall_vs_greedy"]["cdlh"] == pytest.approx(walls["cdlh"] / walls["greedy"])
     assert sum(results["methods"]["cdsl"]["states"].values()) > 0
     assert sum(results["methods"]["greedy"]["states"].values()) == 0
     for name in ("report.md", "speed_vs_coverage.png", "cdsl_states.png", "outputs.jsonl"):
         assert (out / name).stat().st_size > 0
     text = readme.read_text()
-    assert "old" not in text and "| cdsl |" in text and text.endswith("rest\n")
+    assert "old" not in text and "| cdsl |" in text and "wall vs greedy" in text and text.endswith("rest\n")
 
 
 def test_bench_bad_input(model_dirs, tmp_path):
