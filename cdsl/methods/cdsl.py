@@ -111,15 +111,15 @@ def keep(ctx: Context, target: Rollout, draft: Rollout | None, row: int, tokens:
     ctx.emit(tokens[: rolled + 1])
 
 
-def speculate(ctx: Context, cands: list[int], room: float, all_drafted: bool) -> None:
+def speculate(ctx: Context, cands: list[int], room: float, all_drafted: bool, most: int | None = None) -> None:
     """`verified_prefix` / `accept_draft`: speculative decoding from the top candidate; a drafted
-    token passes only where the reward has nothing to decide."""
+    token passes only where the reward has nothing to decide (and at most `most` of them)."""
     drafted = ctx.draft.rollout(cands[:1], max(1, min(ctx.config.draft_len, ctx.budget - 1)), ctx.pick,
                                 ctx.config.draft_confidence)
     tokens = cut(ctx, [cands[0], *drafted.tokens[0].tolist()])
     logits = ctx.target.verify(tokens)  # one row: no forked cache to copy
     n, _ = check(ctx, tokens, logits[1:], drafted.logits[0])
-    n = min(n, settled(ctx, logits[1: len(tokens)], room))
+    n = min(n, settled(ctx, logits[1: len(tokens)], room), len(tokens) if most is None else most)
     ctx.stats.drafted += len(tokens) - 1
     ctx.stats.accepted += n
     kept = len(tokens) - 1 if all_drafted else n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,10 @@ class Verified:
         return self.accepted / len(self.tokens)
 
 
-def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
+def draft(ctx: Context, d: int, stop: Callable[[torch.Tensor], bool] | None = None) -> tuple[list[int], torch.Tensor]:
     """The draft rolls out up to d tokens (stopping at EOS, or before a token it gives less
-    than `draft_confidence`); one draft call per token."""
+    than `draft_confidence`); one draft call per token. `stop(logits)`, if given, replaces the
+    confidence rule: whether to end the proposal before the token those logits would give."""
     tokens, logits = [], []
     row = ctx.draft.next_logits()
     while True:
@@ -41,14 +43,15 @@ def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
             ctx.draft.push([tok])  # its logits are not needed unless every token passes
             break
         row = ctx.draft.step([tok])[-1]
-        if ctx.config.draft_confidence and unsure(row, ctx.config.draft_confidence):
+        if stop(row) if stop is not None else (
+                ctx.config.draft_confidence and unsure(row, ctx.config.draft_confidence)):
             break
     return tokens, torch.stack(logits)
 
 
-def draft_and_verify(ctx: Context, d: int) -> Verified:
-    """Draft d tokens, then one target call scores all of them."""
-    tokens, draft_logits = draft(ctx, d)
+def draft_and_verify(ctx: Context, d: int, stop: Callable[[torch.Tensor], bool] | None = None) -> Verified:
+    """Draft d tokens (see `draft` for `stop`), then one target call scores all of them."""
+    tokens, draft_logits = draft(ctx, d, stop)
     ctx.stats.drafted += len(tokens)
     target_logits = ctx.target.verify(tokens)
     n, nxt = ctx.pick.verify(tokens, draft_logits, target_logits)

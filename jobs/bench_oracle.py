@@ -1,0 +1,169 @@
+"""How fast CDSL and speculative decoding could be with a pair, given perfect foresight.
+
+    python -m jobs.bench_oracle --limit 30                        # CommonGen dev
+    python -m jobs.bench_oracle --task harmless --limit 9         # held-out hh-rlhf dialogues
+
+Two bounds, each measured side by side with the real methods, interleaved per example:
+- **oracle cdsl**: knows in advance where exact CDSL's target searches change the choice (the
+  positions where CDLH's text departs from the target's argmax) and searches only there,
+  speculating from the argmax everywhere else. It writes CDLH's text (checked), so its wall time
+  bounds every CDSL that writes CDLH's text with this draft, however well it guesses where to
+  search.
+- **oracle sd**: speculative decoding whose draft ends each proposal exactly before its first
+  token the target rejects (a perfect `draft_confidence`). It writes greedy's text (checked), so
+  its wall time bounds every stopping rule for this draft.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import typer
+from tqdm import tqdm
+
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, DecodeConfig
+from cdsl.generate import load_pair
+from cdsl.methods import METHODS, Context, Generation
+from cdsl.methods.cdsl import headroom, search_on_target, speculate, stake
+from cdsl.methods.speculative import commit_prefix, draft_and_verify
+from cdsl.models import LM
+from jobs.bench import HARMLESS_DATA, commongen_examples, harmless_examples, load_dataset, load_harmless
+
+app = typer.Typer(add_completion=False)
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "commongen" / "dev.jsonl"
+
+
+@torch.inference_mode()
+def departures(target: LM, prompt: str, out: list[int]) -> set[int]:
+    """Positions of `out` where it is not the target's argmax given the prompt and what precedes."""
+    ids = target.prompt_ids(prompt)
+    logits = target.model(input_ids=torch.tensor([ids + out])).logits[0, len(ids) - 1: -1, : target.vocab_size]
+    return {i for i, tok in enumerate(logits.argmax(-1).tolist()) if tok != out[i]}
+
+
+def oracle_cdsl(ctx: Context, changes: set[int]) -> None:
+    """CDSL that searches on the target only at `changes` and speculates from the argmax
+    elsewhere, never past the next change."""
+    ahead = sorted(changes)
+    while not ctx.finished:
+        ctx.stats.rounds += 1
+        logp = torch.log_softmax(ctx.target.next_logits(), dim=-1)
+        pos = len(ctx.out)
+        if pos in changes:
+            _, room = headroom(ctx)
+            search_on_target(ctx, stake(ctx, logp, room), logp, room)
+            continue
+        nxt = next((p for p in ahead if p > pos), None)
+        speculate(ctx, [int(logp.argmax())], 0.0, False, None if nxt is None else nxt - pos - 1)
+
+
+def oracle_sd(ctx: Context, reference: list[int]) -> None:
+    """Speculative decoding whose draft stops before the first token that is not `reference`'s
+    (the target's greedy text, EOS included)."""
+
+    def stop(logits: torch.Tensor) -> bool:
+        written = ctx.draft.ids[ctx.n_prompt:]  # emitted + drafted so far; a wrong first token ends it too
+        pos = len(written)
+        return pos >= len(reference) or written != reference[:pos] or int(logits.argmax()) != reference[pos]
+
+    while not ctx.finished:
+        ctx.stats.rounds += 1
+        commit_prefix(ctx, draft_and_verify(ctx, min(ctx.config.draft_len, ctx.budget), stop))
+
+
+def timed(prompt: str, target: LM, draft: LM, reward, config: DecodeConfig, oracle=None) -> tuple[Generation, float]:
+    """One generation (by `config.method`, or by `oracle(ctx)`) and its wall seconds."""
+    ctx = Context(prompt, target, draft, reward, config)
+    start = time.perf_counter()
+    try:
+        (oracle or METHODS[config.method].run)(ctx)
+    finally:
+        ctx.close()
+    return ctx.result(), time.perf_counter() - start
+
+
+@app.command()
+def main(
+    task: str = typer.Option("commongen", help="commongen (coverage of dev concept sets) or harmless (the default "
+                             "reward model on held-out hh-rlhf dialogues)."),
+    dataset: str = typer.Option("", help="CommonGen jsonl or hh-rlhf jsonl (default: the dev files in ../shared)."),
+    limit: int = typer.Option(30, min=1),
+    draft_len: int = typer.Option(4, min=1, help="d of the two sd runs (the draft card's d)."),
+    warmup: int = typer.Option(1, min=0, help="Examples run first and not counted."),
+    target: str = typer.Option(BUILTIN_TARGET),
+    draft: str = typer.Option(BUILTIN_DRAFT),
+    threads: int = typer.Option(2, min=1),
+    out: Path = typer.Option(None, help="Also write the totals and per-example records to this JSON file."),
+) -> None:
+    """Print wall time, speed vs CDLH and greedy, and quality of the methods and their oracles."""
+    torch.set_num_threads(threads)
+    target_lm, draft_lm = load_pair(target, draft)
+    if task == "commongen":
+        examples = commongen_examples(load_dataset(dataset or str(DEV), limit + warmup), target_lm.tokenizer)
+    elif task == "harmless":
+        from cdsl.reward_model import RewardModel
+
+        prompts = load_harmless(dataset or str(HARMLESS_DATA), limit + warmup, target_lm.tokenizer, held_out=True)
+        examples = harmless_examples(prompts, RewardModel(BUILTIN_HARMLESS, cached_prompts=32))
+    else:
+        raise typer.BadParameter("task: use commongen or harmless", param_hint="--task")
+    cfg = DecodeConfig()
+    sd_cfg = cfg.model_copy(update={"method": "sd", "draft_len": draft_len})
+    names = ("greedy", "cdsl", "oracle cdsl", "cdlh", f"sd d={draft_len}", f"oracle sd d={draft_len}")
+    totals = {n: {"wall_s": 0.0, "score": 0.0, "ok": 0, "tokens": 0, "target_calls": 0, "drafted": 0,
+                  "accepted": 0, "rounds": 0} for n in names}
+    records, same = [], {"oracle cdsl": 0, f"oracle sd d={draft_len}": 0}
+    rng = random.Random(0)
+    for i, ex in enumerate(tqdm(examples, desc="oracle bench")):
+        reward = ex.reward()
+        greedy, t_greedy = timed(ex.prompt, target_lm, draft_lm, reward, cfg.model_copy(update={"method": "greedy"}))
+        exact, t_exact = timed(ex.prompt, target_lm, draft_lm, reward, cfg)
+        changes = departures(target_lm, ex.prompt, exact.token_ids)
+        reference = greedy.token_ids + ([target_lm.eos_ids[0]] if greedy.finish_reason == "eos" else [])
+        sd_name, oracle_sd_name = f"sd d={draft_len}", f"oracle sd d={draft_len}"
+        rest = {  # name -> (config, the oracle that replaces its method, if any)
+            "oracle cdsl": (cfg, partial(oracle_cdsl, changes=changes)),
+            "cdlh": (cfg.model_copy(update={"method": "cdlh"}), None),
+            sd_name: (sd_cfg, None),
+            oracle_sd_name: (sd_cfg, partial(oracle_sd, reference=reference)),
+        }
+        runs = {"greedy": (greedy, t_greedy), "cdsl": (exact, t_exact)}
+        for name in rng.sample(list(rest), len(rest)):
+            runs[name] = timed(ex.prompt, target_lm, draft_lm, reward, *rest[name])
+        if i < warmup:
+            continue
+        same["oracle cdsl"] += runs["oracle cdsl"][0].text == exact.text
+        same[oracle_sd_name] += runs[oracle_sd_name][0].text == greedy.text
+        for name, (gen, wall) in runs.items():
+            t = totals[name]
+            t["wall_s"] += wall
+            t["score"] += gen.reward
+            t["ok"] += gen.reward >= ex.threshold
+            for key in ("tokens", "target_calls", "drafted", "accepted", "rounds"):
+                t[key] += getattr(gen.stats, key)
+        records.append({**ex.record, "changes": sorted(changes), **{n: g.text for n, (g, _) in runs.items()}})
+    n = len(records)
+    ok = "reward >= 0.5" if task == "harmless" else "all concepts"
+    mean = "mean reward" if task == "harmless" else "mean coverage"
+    typer.echo(f"\n{n} examples ({task}), {threads} threads, one run; oracle cdsl wrote cdsl's text in "
+               f"{same['oracle cdsl']}/{n}, oracle sd wrote greedy's in {same[f'oracle sd d={draft_len}']}/{n}\n")
+    typer.echo(f"| run | {ok} | {mean} | wall s | speedup vs CDLH | wall vs greedy | target calls/token | acceptance |")
+    typer.echo("|---|---|---|---|---|---|---|---|")
+    for name, t in totals.items():
+        acc = f"{t['accepted'] / t['drafted']:.1%}" if t["drafted"] else "-"
+        typer.echo(f"| {name} | {t['ok'] / n:.1%} | {t['score'] / n:.1%} | {t['wall_s']:.1f} "
+                   f"| {totals['cdlh']['wall_s'] / t['wall_s']:.2f}x | {t['wall_s'] / totals['greedy']['wall_s']:.2f}x "
+                   f"| {t['target_calls'] / max(1, t['tokens']):.2f} | {acc} |")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"task": task, "n": n, "same_text": same, "totals": totals, "records": records},
+                                  indent=1))
+
+
+if __name__ == "__main__":
+    app()
