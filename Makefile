@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint venv clean bench bench-pipeline serve load-test gpu-check
+.PHONY: run test test-fast lint venv clean bench bench-oracle bench-pipeline serve load-test gpu-check
 
 venv: $(STAMP)
 
@@ -61,3 +61,7 @@ BENCH_DATA ?= ../shared/data/commongen/dev.jsonl
 BENCH_LIMIT ?= 100
 bench: $(STAMP)
 	$(VENV)/bin/cdsl bench --dataset $(BENCH_DATA) --limit $(BENCH_LIMIT) --out runs/bench --readme README.md
+
+# CDSL and sd beside their perfect-foresight bounds (README, "What bounds the speed with this pair").
+bench-oracle: $(STAMP)
+	$(PY) -m jobs.bench_oracle --dataset $(BENCH_DATA) --limit 30 --out runs/oracle/commongen30.json
