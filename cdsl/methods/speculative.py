@@ -43,8 +43,9 @@ def draft(ctx: Context, d: int, stop: Callable[[torch.Tensor], bool] | None = No
             ctx.draft.push([tok])  # its logits are not needed unless every token passes
             break
         row = ctx.draft.step([tok])[-1]
-        if stop(row) if stop is not None else (
-                ctx.config.draft_confidence and unsure(row, ctx.config.draft_confidence)):
+        doubtful = stop(row) if stop is not None else (
+            ctx.config.draft_confidence > 0 and unsure(row, ctx.config.draft_confidence))
+        if doubtful:
             break
     return tokens, torch.stack(logits)
 
