@@ -60,9 +60,11 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # plain attributes, not buffers: state_dict() and .to() would not know the packed layout
-        self.packed = linear.weight.detach().to_mkldnn()
-        self.packed_bias = None if linear.bias is None else linear.bias.detach().to_mkldnn()
+        # plain attributes, not buffers: state_dict() and .to() would not know the packed layout.
+        # The weight is reordered once into the blocked layout oneDNN's linear wants, and the
+        # fused op takes and returns dense tensors: no per-call conversion of weights or inputs.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,7 +72,7 @@ class PackedLinear(nn.Module):
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.mkldnn_linear(x.to_mkldnn(), self.packed, self.packed_bias).to_dense()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def use_onednn(model: nn.Module) -> int:
@@ -97,7 +99,7 @@ def use_onednn(model: nn.Module) -> int:
 
 def parameter_count(model: nn.Module) -> int:
     """Parameters of `model`, counting the weights `use_onednn` packed."""
-    packed = sum(m.packed.numel() + (0 if m.packed_bias is None else m.packed_bias.numel())
+    packed = sum(m.packed.numel() + (0 if m.bias is None else m.bias.numel())
                  for m in model.modules() if isinstance(m, PackedLinear))
     return packed + sum(p.numel() for p in model.parameters())
 
