@@ -75,6 +75,15 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def _has_fused_linear() -> bool:
+    """Whether this torch build has the oneDNN linear ops `PackedLinear` calls (the private ones
+    torch.compile's CPU weight freezing uses; a build without them keeps plain `nn.Linear`)."""
+    try:
+        return bool(torch.ops.mkldnn._reorder_linear_weight and torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def use_onednn(model: nn.Module) -> int:
     """Swap every plain `nn.Linear` of `model` that holds a CPU float32 weight for a
     `PackedLinear`; returns how many were swapped.
@@ -86,7 +95,7 @@ def use_onednn(model: nn.Module) -> int:
     jobs.bench_kernels` measures it (the README has the figures). A tied output head gets its own
     packed copy (one more head's worth of memory). A model DeepSpeed will split must keep its
     `nn.Linear`s, which AutoTP looks for."""
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available() or not _has_fused_linear():
         return 0
     swapped = 0
     for parent in list(model.modules()):
