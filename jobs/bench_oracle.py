@@ -114,10 +114,11 @@ def main(
         raise typer.BadParameter("task: use commongen or harmless", param_hint="--task")
     cfg = DecodeConfig()
     sd_cfg = cfg.model_copy(update={"method": "sd", "draft_len": draft_len})
-    names = ("greedy", "cdsl", "oracle cdsl", "cdlh", f"sd d={draft_len}", f"oracle sd d={draft_len}")
+    sd_name, oracle_sd_name = f"sd d={draft_len}", f"oracle sd d={draft_len}"
+    names = ("greedy", "cdsl", "oracle cdsl", "cdlh", sd_name, oracle_sd_name)
     totals = {n: {"wall_s": 0.0, "score": 0.0, "ok": 0, "tokens": 0, "target_calls": 0, "drafted": 0,
                   "accepted": 0, "rounds": 0} for n in names}
-    records, same = [], {"oracle cdsl": 0, f"oracle sd d={draft_len}": 0}
+    records, same = [], {"oracle cdsl": 0, oracle_sd_name: 0}
     rng = random.Random(0)
     for i, ex in enumerate(tqdm(examples, desc="oracle bench")):
         reward = ex.reward()
@@ -125,7 +126,6 @@ def main(
         exact, t_exact = timed(ex.prompt, target_lm, draft_lm, reward, cfg)
         changes = departures(target_lm, ex.prompt, exact.token_ids)
         reference = greedy.token_ids + ([target_lm.eos_ids[0]] if greedy.finish_reason == "eos" else [])
-        sd_name, oracle_sd_name = f"sd d={draft_len}", f"oracle sd d={draft_len}"
         rest = {  # name -> (config, the oracle that replaces its method, if any)
             "oracle cdsl": (cfg, partial(oracle_cdsl, changes=changes)),
             "cdlh": (cfg.model_copy(update={"method": "cdlh"}), None),
@@ -151,7 +151,7 @@ def main(
     ok = "reward >= 0.5" if task == "harmless" else "all concepts"
     mean = "mean reward" if task == "harmless" else "mean coverage"
     typer.echo(f"\n{n} examples ({task}), {threads} threads, one run; oracle cdsl wrote cdsl's text in "
-               f"{same['oracle cdsl']}/{n}, oracle sd wrote greedy's in {same[f'oracle sd d={draft_len}']}/{n}\n")
+               f"{same['oracle cdsl']}/{n}, oracle sd wrote greedy's in {same[oracle_sd_name]}/{n}\n")
     typer.echo(f"| run | {ok} | {mean} | wall s | speedup vs CDLH | wall vs greedy | target calls/token | acceptance |")
     typer.echo("|---|---|---|---|---|---|---|---|")
     for name, t in totals.items():
