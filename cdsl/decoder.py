@@ -146,32 +146,45 @@ class Decoder:
         self._rollouts += 1
         return f"{self.key}:rollout{self._rollouts}"
 
-    def rollout(self, candidates: list[int], steps: int, pick, confidence: float = 0.0) -> Rollout:
+    def rollout(self, candidates: list[int], steps: int, pick, confidence: float = 0.0, least: int = 1) -> Rollout:
         """Roll each candidate out `steps` tokens in one batched call per step, forking the
         prefix cache. `pick(logits [k, V]) -> [k]` chooses each next token. With `confidence`,
-        the rollout ends early (after at least one token) once no row's next token has that
-        probability under this model: a token the model itself doubts is likely rejected."""
+        the rollout ends early (after at least `least` rolled tokens) once the first row's next
+        token has less than that probability under this model: a token the model itself doubts
+        is likely rejected, and the first row is its own best guess."""
         pending = self._pending_for_rows()
         key, base = self._fork_key(), self.n_cached
         feed, out, rows = [[*pending, c] for c in candidates], [], []
         for i in range(steps):
             keep = base + len(pending) + i if i else base
             logits = self._run(key, feed, keep, fork=self.key if i == 0 else None, last_only=True)
-            if i and confidence and unsure(logits, confidence):
+            if i >= least and confidence and unsure(logits[:1], confidence):
                 break
             picked = pick(logits)
             rows.append(logits)
             out.append(picked[:, None])
             feed = picked[:, None].tolist()
+        if not rows:
+            return Rollout(list(candidates), torch.empty(len(feed), 0, dtype=torch.long),
+                           logits.new_empty(len(feed), 0, logits.shape[-1]), key)
         return Rollout(list(candidates), torch.cat(out, dim=1), torch.stack(rows, dim=1), key)
 
-    def score_rows(self, candidates: list[int], tokens: torch.Tensor) -> Rollout:
+    def score_rows(self, candidates: list[int], tokens: torch.Tensor, lead: bool = False) -> Rollout:
         """One batched call over candidate + `tokens` [k, steps] per row, forking the prefix
-        cache: logits [k, steps + 1, V] after each fed token (the last one is the bonus)."""
+        cache: logits [k, steps + 1, V] after each fed token (the last one is the bonus). With
+        `lead`, the logits that predict the candidates come first ([k, steps + 2, V]): computed
+        in the same call from the last pending token, or the ones already known."""
         pending = self._pending_for_rows()
+        known = None if pending else self.logits
         key = self._fork_key()
         feed = [[*pending, c, *row] for c, row in zip(candidates, tokens.tolist())]
-        logits = self._run(key, feed, self.n_cached, fork=self.key)[:, len(pending):]
+        logits = self._run(key, feed, self.n_cached, fork=self.key)
+        if not lead:
+            logits = logits[:, len(pending):]
+        elif pending:
+            logits = logits[:, len(pending) - 1:]
+        else:
+            logits = torch.cat([known.expand(len(feed), 1, -1), logits], dim=1)
         return Rollout(list(candidates), tokens, logits, key)
 
     def adopt(self, rollout: Rollout, row: int, keep: int = 0) -> None:
@@ -184,6 +197,12 @@ class Decoder:
             self.n_cached, self.logits = len(self.ids), rollout.logits[row, keep]
         else:  # a rollout never feeds its last token: it stays pending
             self.n_cached, self.logits = len(self.ids) - 1, None
+
+    def adopt_prefix(self, rollout: Rollout, logits: torch.Tensor) -> None:
+        """Keep none of a rollout's candidates but take its cache of the prefix, pending tokens
+        included (they were fed in every row); `logits` are the next-token logits after it."""
+        self._moves.append((self.key, rollout.key, 0))
+        self.n_cached, self.logits = len(self.ids), logits
 
     def discard(self, rollout: Rollout) -> None:
         """Drop a rollout that will not be adopted."""

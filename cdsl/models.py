@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import cdsl.draft_model  # noqa: F401  (registers the default draft's architecture)
+import cdsl.draft_model  # also registers the default draft's architecture
 from cdsl import pretrained
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, ModelConfig
 
@@ -55,24 +55,29 @@ def resolve(path: str, role: str = "model") -> str:
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` that computes through oneDNN with its weight packed once (CPU, float32)."""
+    """An `nn.Linear` that computes through oneDNN with its weight packed once (CPU). The packed
+    weight may be bfloat16, half the bytes a forward streams; inputs and outputs stay float32."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # plain attributes, not buffers: state_dict() and .to() would not know the packed layout.
         # The weight is reordered once into the blocked layout oneDNN's linear wants, and the
         # fused op takes and returns dense tensors: no per-call conversion of weights or inputs.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.dtype = dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), None)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight as a dense tensor (a copy: forwards use the packed one)."""
-        return self.packed.to_dense()
+        """The weight as a dense float32 tensor (a copy: forwards use the packed one)."""
+        return self.packed.to_dense().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.dtype == x.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype)
 
 
 def _has_fused_linear() -> bool:
@@ -84,9 +89,27 @@ def _has_fused_linear() -> bool:
         return False
 
 
-def use_onednn(model: nn.Module) -> int:
+def packed_dtype(model: nn.Module, setting: str = "auto") -> torch.dtype:
+    """The dtype `use_onednn` packs `model`'s weights in (`ModelConfig.packed_dtype`): "auto" is
+    bfloat16 for the project's draft architecture on a CPU oneDNN runs bfloat16 on, else float32.
+    A draft's every token is checked by the target, so rounding its weights can cost acceptance
+    but never change an output; the target and reward models keep float32."""
+    if setting != "auto":
+        return DTYPES[setting]
+    draft = getattr(getattr(model, "config", None), "model_type", None) == cdsl.draft_model.DraftConfig.model_type
+    return torch.bfloat16 if draft and _bf16_supported() else torch.float32
+
+
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_onednn(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Swap every plain `nn.Linear` of `model` that holds a CPU float32 weight for a
-    `PackedLinear`; returns how many were swapped.
+    `PackedLinear` whose weight is packed in `dtype`; returns how many were swapped.
 
     A small model's forward on a CPU streams every weight from memory once, and MKL's matrix
     multiply runs 2 or 3 rows as that many passes over the weights; oneDNN's packed weights do
@@ -101,7 +124,7 @@ def use_onednn(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, dtype))
                 swapped += 1
     return swapped
 
@@ -198,7 +221,7 @@ class LM(Codec):
             folder, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         ).to(cfg.device)
         if cfg.onednn:
-            use_onednn(model)
+            use_onednn(model, packed_dtype(model, cfg.packed_dtype))
         return cls(model, tokenizer, name=cfg.path, eos=eos_ids(tokenizer, folder))
 
     @torch.inference_mode()

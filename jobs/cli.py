@@ -71,6 +71,8 @@ def generate(
     lookahead: int = _opt("lookahead"),
     draft_len: int = _opt("draft_len"),
     draft_confidence: float = _opt("draft_confidence"),
+    draft_branches: int = _opt("draft_branches"),
+    branch_below: float = _opt("branch_below"),
     tau_accept: float = _opt("tau_accept"),
     tau_reward: float = _opt("tau_reward"),
     gain_share: float = _opt("gain_share"),
@@ -97,7 +99,8 @@ def generate(
             constraints=RewardSpec(concepts=parse_concepts(concepts) if concepts else [], keywords=split_list(keywords),
                                    regex=regex, reward_model=reward_model, reward_model_label=reward_label),
             decode=DecodeConfig(method=method, k=k, lookahead=lookahead, draft_len=draft_len,
-                                draft_confidence=draft_confidence, tau_accept=tau_accept,
+                                draft_confidence=draft_confidence, draft_branches=draft_branches,
+                                branch_below=branch_below, tau_accept=tau_accept,
                                 tau_reward=tau_reward, gain_share=gain_share, reward_range=reward_range,
                                 accept_ratio=accept_ratio, reward_weight=reward_weight,
                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
@@ -233,6 +236,8 @@ def bench(
     lookahead: int = _opt("lookahead"),
     draft_len: int = _opt("draft_len"),
     draft_confidence: float = _opt("draft_confidence"),
+    draft_branches: int = _opt("draft_branches"),
+    branch_below: float = _opt("branch_below"),
     tau_accept: float = _opt("tau_accept"),
     tau_reward: float = _opt("tau_reward"),
     gain_share: float = _opt("gain_share"),
@@ -262,7 +267,7 @@ def bench(
         fail(f"--task must be commongen or harmless, got {task!r}")
     try:
         base = DecodeConfig(k=k, lookahead=lookahead, draft_len=draft_len, draft_confidence=draft_confidence,
-                            tau_accept=tau_accept,
+                            draft_branches=draft_branches, branch_below=branch_below, tau_accept=tau_accept,
                             tau_reward=tau_reward, gain_share=gain_share, reward_range=reward_range,
                             accept_ratio=accept_ratio,
                             reward_weight=reward_weight, max_new_tokens=max_new_tokens)

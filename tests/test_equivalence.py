@@ -1,9 +1,11 @@
 """Methods that must reduce to greedy decoding do so token for token, on three model families."""
 
 import pytest
+import torch
 
 from cdsl.config import DecodeConfig
 from cdsl.generate import generate
+from cdsl.models import LM
 from cdsl.rewards import Coverage, RewardInput
 
 from .conftest import FAMILIES
@@ -54,6 +56,50 @@ def test_cdsl_speculates_through_settled_text(pairs):
     ref = run(pair, "cdlh", PROMPTS[0], reward_weight=0.5)
     assert out.token_ids == ref.token_ids
     assert out.stats.accepted > 0 and out.stats.target_calls < ref.stats.target_calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_branched_sd_is_greedy_decoding(pairs, family, prompt):
+    """Several first tokens checked in one target call: the branch kept is always greedy's."""
+    pair = pairs[family]
+    ref = run(pair, "greedy", prompt)
+    for branches, d, stop in ((2, 4, 0.4), (3, 3, 0.0), (2, 2, 0.4)):
+        out = run(pair, "sd", prompt, draft_branches=branches, branch_below=1.0, draft_len=d, draft_confidence=stop)
+        assert out.token_ids == ref.token_ids
+        assert out.stats.branch_drafted > out.stats.drafted > 0  # rounds did branch
+        assert out.stats.target_calls < ref.stats.target_calls + 1
+    one = run(pair, "sd", prompt, draft_branches=1, draft_len=4)
+    assert one.stats.branch_drafted == 0 and one.token_ids == ref.token_ids
+
+
+class SecondBest(torch.nn.Module):
+    """The target with its top two logits swapped everywhere: a draft whose first choice is
+    always wrong and whose second is always right."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        top = out.logits.topk(2, dim=-1).indices
+        out.logits.scatter_(-1, top, out.logits.gather(-1, top).flip(-1))
+        return out
+
+
+def test_a_second_branch_is_kept_where_the_first_fails(pairs):
+    """Guards the test above: only second branches can pass, so branching emits two tokens per
+    round where a single proposal emits one."""
+    target, _ = pairs["llama"]
+    draft = LM(SecondBest(target.model), target.tokenizer, "second-best", target.eos_ids)
+    ref = run((target, target), "greedy", PROMPTS[0])
+    one = run((target, draft), "sd", PROMPTS[0], draft_branches=1, draft_len=3, draft_confidence=0.0)
+    two = run((target, draft), "sd", PROMPTS[0], draft_branches=2, branch_below=1.0, draft_len=3,
+              draft_confidence=0.0)
+    assert one.token_ids == two.token_ids == ref.token_ids
+    assert one.stats.accepted == 0 < two.stats.accepted
+    assert two.stats.rounds < one.stats.rounds
 
 
 @pytest.mark.parametrize("family", FAMILIES)

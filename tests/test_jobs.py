@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from cdsl.config import ModelConfig
 from cdsl.draft_model import DraftForCausalLM, draft_from_target
-from cdsl.models import LM, check_same_vocab
+from cdsl.models import LM, PackedLinear, _bf16_supported, check_same_vocab
 from jobs.distill_draft import DATA, distill_loss, frequent_tokens
 
 
@@ -62,10 +63,14 @@ def test_draft_scores_only_its_head_and_loads_like_any_model(model_dirs, tmp_pat
     assert torch.equal(draft.lm_head.weight, target.model.get_output_embeddings().weight[head])
     draft.save_pretrained(tmp_path / "draft")
     target.tokenizer.save_pretrained(tmp_path / "draft")
-    loaded = LM.load(str(tmp_path / "draft"))
+    loaded = LM.load(ModelConfig(path=str(tmp_path / "draft"), packed_dtype="float32"))
     assert isinstance(loaded.model, DraftForCausalLM)
     assert torch.allclose(loaded.model(input_ids=ids).logits, logits, atol=1e-4)  # oneDNN rounds differently
     check_same_vocab(loaded, target)
+    # by default this architecture's packed weights are bfloat16 where oneDNN runs them
+    auto = LM.load(str(tmp_path / "draft"))
+    dtypes = {m.dtype for m in auto.model.modules() if isinstance(m, PackedLinear)}
+    assert dtypes == ({torch.bfloat16} if _bf16_supported() else {torch.float32})
 
 
 @pytest.mark.slow

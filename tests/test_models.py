@@ -55,6 +55,42 @@ def test_crop_and_rollout_keep_cache_consistent(pairs):
     assert dec.ids == ids + [5, 10]
 
 
+@pytest.mark.parametrize("pending", [0, 2])
+def test_score_rows_with_lead_returns_the_logits_that_predict_each_candidate(pairs, pending):
+    """Branched SD checks its first tokens with the same call as the rest: row j of the lead
+    logits predicts token j of [candidate, *tokens], with pending tokens fed or none left."""
+    import torch
+
+    from cdsl.decoder import Decoder
+    from cdsl.stats import Stats
+
+    target, _ = pairs["llama"]
+    ids = target.encode("The dog throws a frisbee")
+    dec = Decoder(target, ids, Stats(), "target")
+    dec.next_logits()
+    dec.push([5, 6][:pending])
+    rows = dec.score_rows([9, 10], torch.tensor([[11, 12], [13, 14]]), lead=True)
+    assert rows.logits.shape[:2] == (2, 4)
+    for r, seq in enumerate([[9, 11, 12], [10, 13, 14]]):
+        full = target.model(input_ids=torch.tensor([dec.ids + seq])).logits[0, len(dec.ids) - 1:]
+        assert torch.allclose(rows.logits[r].double(), full.double(), atol=1e-4)
+    assert dec.ids == ids + [5, 6][:pending]  # scoring rows emits nothing
+
+
+def test_rollout_may_stop_right_after_the_candidates(pairs):
+    """`least=0`: a doubtful model rolls out nothing after its candidates (one call)."""
+    from cdsl.decoder import Decoder
+    from cdsl.stats import Stats
+
+    target, _ = pairs["llama"]
+    dec = Decoder(target, target.encode("The dog"), Stats(), "draft")
+    dec.next_logits()
+    ro = dec.rollout([9, 10], 3, lambda logits: logits.argmax(-1), confidence=1.0, least=0)
+    assert ro.tokens.shape == (2, 0) and dec.stats.draft_calls == 2
+    ro = dec.rollout([9, 10], 3, lambda logits: logits.argmax(-1), confidence=1.0)
+    assert ro.tokens.shape == (2, 1)
+
+
 def test_prompt_ids_add_bos_where_the_tokenizer_asks_and_long_prompts_are_refused(model_dirs):
     target = LM.load(ModelConfig(path=str(model_dirs["llama-target"])))
     assert target.window == 1024
@@ -141,3 +177,26 @@ def test_onednn_packs_cpu_float32_linears_and_keeps_the_logits(model_dirs, famil
                                                                                cfg).token_ids
     wide = LM.load(ModelConfig(path=path, dtype="float64"))  # oneDNN packs float32 only
     assert not any(isinstance(m, PackedLinear) for m in wide.model.modules())
+    assert all(m.dtype == torch.float32 for m in packed.model.modules() if isinstance(m, PackedLinear))
+
+
+def test_bfloat16_packed_weights_round_a_model_but_not_an_sd_output(pairs, model_dirs):
+    """`packed_dtype` bfloat16 stores weights in half the bytes: logits move by rounding only,
+    and as a draft the model cannot change what SD writes."""
+    from cdsl.models import PackedLinear, _bf16_supported
+
+    if not _bf16_supported():
+        pytest.skip("oneDNN has no bfloat16 on this CPU")
+    path = str(model_dirs["llama-draft"])
+    plain = LM.load(ModelConfig(path=path, packed_dtype="float32"))
+    half = LM.load(ModelConfig(path=path, packed_dtype="bfloat16"))
+    assert all(m.dtype == torch.bfloat16 for m in half.model.modules() if isinstance(m, PackedLinear))
+    ids = torch.tensor([plain.encode("The dog throws a frisbee")])
+    with torch.no_grad():
+        a, b = plain.model(input_ids=ids).logits, half.model(input_ids=ids).logits
+    assert b.dtype == torch.float32 and 0 < float((a - b).abs().max()) < 0.05 * float(a.abs().max())
+    target, _ = pairs["llama"]
+    cfg = DecodeConfig(method="greedy", max_new_tokens=16)
+    ref = generate("The child", target, None, None, cfg)
+    out = generate("The child", target, half, None, cfg.model_copy(update={"method": "sd", "draft_len": 3}))
+    assert out.token_ids == ref.token_ids and out.stats.drafted > 0

@@ -71,7 +71,56 @@ def commit_prefix(ctx: Context, v: Verified) -> None:
     ctx.emit(v.tokens[: v.accepted] + [v.next_token])
 
 
+def matched(tokens: list[int], target_logits: torch.Tensor) -> int:
+    """How many leading `tokens` are the target's argmax (`target_logits` [>= len(tokens), V])."""
+    hits = target_logits[: len(tokens)].argmax(-1) == torch.tensor(tokens, dtype=torch.long)
+    return int(hits.long().cumprod(0).sum())
+
+
+def branches(ctx: Context, d: int) -> list[int]:
+    """The draft's first tokens to propose: its top `draft_branches` where it gives its best one
+    less than `branch_below`, else that one alone (an empty list: no branching this round)."""
+    cfg = ctx.config
+    # a fork needs the target's prefix cached; the first round's call would be a prefill of its own
+    if cfg.draft_branches == 1 or not cfg.greedy or d < 2 or not ctx.target.n_cached:
+        return []
+    probs = torch.softmax(ctx.draft.next_logits().float(), -1)
+    top = probs.topk(cfg.draft_branches)
+    return top.indices.tolist() if float(top.values[0]) < cfg.branch_below else []
+
+
+def branched_round(ctx: Context, d: int, cands: list[int]) -> None:
+    """Greedy SD over several first tokens, each rolled out by the draft (one batched draft call
+    per token) and all checked by ONE target call: on a memory-bound model a forward over a few
+    rows of a few tokens costs about what one row does. The row the target accepts furthest is
+    kept, so the output is still greedy decoding's."""
+    drafted = ctx.draft.rollout(cands, d - 1, ctx.pick, ctx.config.draft_confidence, least=0)
+    checked = ctx.target.score_rows(cands, drafted.tokens, lead=True)
+    rows = [[c, *row] for c, row in zip(cands, drafted.tokens.tolist())]
+    rows = [row[: next((i + 1 for i, t in enumerate(row) if t in ctx.eos), len(row))] for row in rows]
+    hits = [matched(row, checked.logits[i]) for i, row in enumerate(rows)]
+    best = max(range(len(rows)), key=lambda i: (hits[i], -i))
+    n, nxt = hits[best], int(checked.logits[best, hits[best]].argmax())
+    ctx.stats.drafted += len(rows[best])
+    ctx.stats.accepted += n
+    ctx.stats.branch_drafted += sum(map(len, rows))
+    if n:
+        ctx.target.adopt(checked, best, n - 1)
+        ctx.draft.adopt(drafted, best, n - 1)
+    else:  # no branch starts right: the target's own token follows the prefix
+        ctx.target.adopt_prefix(checked, checked.logits[0, 0])
+        ctx.draft.discard(drafted)
+    ctx.target.push([nxt])
+    ctx.draft.push([nxt])
+    ctx.emit(rows[best][:n] + [nxt])
+
+
 def sd(ctx: Context) -> None:
     while not ctx.finished:
         ctx.stats.rounds += 1
-        commit_prefix(ctx, draft_and_verify(ctx, min(ctx.config.draft_len, ctx.budget)))
+        d = min(ctx.config.draft_len, ctx.budget)
+        cands = branches(ctx, d)
+        if cands:
+            branched_round(ctx, d, cands)
+        else:
+            commit_prefix(ctx, draft_and_verify(ctx, d))
