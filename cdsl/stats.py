@@ -30,8 +30,8 @@ class Stats:
     """Draft tokens proposed in SD / CDSL rounds."""
     accepted: int = 0
     """Draft tokens the target verified."""
-    branch_drafted: int = 0
-    """Draft tokens of every branch of branched SD rounds (`drafted` counts the kept branch's)."""
+    other_branches: int = 0
+    """Draft tokens of the branches a branched SD round did not keep (`drafted` counts the kept one)."""
     rounds: int = 0
     states: dict[str, int] = field(default_factory=lambda: {"S1": 0, "S2": 0, "S3": 0, "S4": 0})
     state_trace: list[str] = field(default_factory=list)

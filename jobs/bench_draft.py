@@ -71,6 +71,9 @@ def main(
     confidence: str = typer.Option(f"{DecodeConfig().draft_confidence},0",
                                    help="draft_confidence values of speculative decoding, comma-separated, each run "
                                    "side by side with greedy (0: always d tokens; the first is the card's)."),
+    branches: str = typer.Option(f"{DecodeConfig().draft_branches},1",
+                                 help="draft_branches values of speculative decoding, comma-separated, each run "
+                                 "with the first --confidence side by side with greedy (the first is the card's)."),
     max_new_tokens: int = typer.Option(48, min=1),
     threads: int = typer.Option(2, min=1),
     out: Path = typer.Option(None, help="Also write the figures to this JSON file."),
@@ -88,13 +91,16 @@ def main(
     greedy_cfg = DecodeConfig(method="greedy", max_new_tokens=max_new_tokens)
     try:
         stops = [float(c) for c in confidence.split(",") if c.strip()]
-        sd_cfgs = [DecodeConfig(method="sd", draft_len=draft_len, draft_confidence=c, max_new_tokens=max_new_tokens)
-                   for c in stops]
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--confidence") from err
+        widths = [int(b) for b in branches.split(",") if b.strip()]
+        settings = [(stops[0], widths[0])] + [(c, widths[0]) for c in stops[1:]] + [(stops[0], b) for b in widths[1:]]
+        sd_cfgs = [DecodeConfig(method="sd", draft_len=draft_len, draft_confidence=c, draft_branches=b,
+                                max_new_tokens=max_new_tokens) for c, b in settings]
+    except (ValueError, IndexError) as err:
+        raise typer.BadParameter(f"--confidence / --branches: {err}") from err
     greedy_wall, hits, positions = 0.0, 0, 0
-    sd = [{"draft_len": draft_len, "draft_confidence": c, "wall_s": 0.0, "drafted": 0, "accepted": 0,
-           "outputs_equal_to_greedy": 0} for c in stops]
+    sd = [{"draft_len": draft_len, "draft_confidence": cfg.draft_confidence, "draft_branches": cfg.draft_branches,
+           "branch_below": cfg.branch_below, "wall_s": 0.0, "drafted": 0, "accepted": 0, "other_branches": 0,
+           "outputs_equal_to_greedy": 0} for cfg in sd_cfgs]
     for concepts in tqdm(sets, desc="dev sets", mininterval=10):
         prompt = commongen_prompt(concepts, target_lm.tokenizer)
         g = generate(prompt, target_lm, None, None, greedy_cfg)
@@ -104,12 +110,15 @@ def main(
             fig["wall_s"] += s.stats.time_total
             fig["drafted"] += s.stats.drafted
             fig["accepted"] += s.stats.accepted
+            fig["other_branches"] += s.stats.other_branches
             fig["outputs_equal_to_greedy"] += s.token_ids == g.token_ids
         end = [target_lm.eos_id] if g.finish_reason == "eos" else []
         h, n = agreement(target_lm, draft_lm, prompt, g.token_ids + end)
         hits, positions = hits + h, positions + n
     for fig in sd:
-        fig.update(acceptance=fig["accepted"] / max(1, fig["drafted"]), greedy_wall_s=greedy_wall,
+        fig.update(acceptance=fig["accepted"] / max(1, fig["drafted"]),  # of the branches kept
+                   acceptance_every_branch=fig["accepted"] / max(1, fig["drafted"] + fig["other_branches"]),
+                   greedy_wall_s=greedy_wall,
                    wall_vs_greedy=fig["wall_s"] / greedy_wall)
     figures = {
         "target": target, "draft": draft, "dataset": str(dataset), "sets": len(sets), "threads": threads,
@@ -139,18 +148,29 @@ def figure_table(f: dict) -> str:
         *[f"| one-token forward, batch {b[5:]}: target / draft | {c[b]['target']:.1f} ms / {c[b]['draft']:.1f} ms "
           f"({f['forward_ratio'][b]:.1f}x cheaper) |" for b in ("batch1", "batch5")],
         f"| speculative decoding (greedy, d = {sd['draft_len']}{_confidence(sd)}): draft tokens accepted | "
-        f"{sd['acceptance']:.1%} |",
+        f"{sd['acceptance']:.1%}" + (f" (of every branch's: {sd['acceptance_every_branch']:.1%})"
+                                     if sd.get("other_branches") else "") + " |",
         f"| speculative decoding wall time vs greedy decoding | {sd['wall_vs_greedy']:.2f}x "
         f"({sd['wall_s']:.1f} s / {sd['greedy_wall_s']:.1f} s) |",
         f"| outputs of speculative decoding equal to greedy's | {sd['outputs_equal_to_greedy']} of {f['sets']} |",
-        *[f"| the same with draft_confidence {v['draft_confidence']}: accepted / wall vs greedy | "
+        *[f"| the same with {_setting(v, sd)}: accepted / wall vs greedy | "
           f"{v['acceptance']:.1%} / {v['wall_vs_greedy']:.2f}x |" for v in f.get("sd_variants", [])],
         f"| teacher-forced top-1 agreement with the target's greedy outputs | {f['teacher_forced_agreement']:.1%} |",
     ])
 
 
 def _confidence(sd: dict) -> str:
-    return f", draft_confidence {sd['draft_confidence']}" if sd.get("draft_confidence") else ""
+    out = f", draft_confidence {sd['draft_confidence']}" if sd.get("draft_confidence") else ""
+    if sd.get("draft_branches", 1) > 1:
+        out += f", {sd['draft_branches']} branches below {sd['branch_below']}"
+    return out
+
+
+def _setting(variant: dict, card: dict) -> str:
+    """What a side-by-side sd run changed from the card's."""
+    if variant.get("draft_branches", 1) != card.get("draft_branches", 1):
+        return f"draft_branches {variant['draft_branches']}"
+    return f"draft_confidence {variant['draft_confidence']}"
 
 
 def refresh_card(card: Path, figures: dict) -> None:

@@ -67,10 +67,10 @@ def test_branched_sd_is_greedy_decoding(pairs, family, prompt):
     for branches, d, stop in ((2, 4, 0.4), (3, 3, 0.0), (2, 2, 0.4)):
         out = run(pair, "sd", prompt, draft_branches=branches, branch_below=1.0, draft_len=d, draft_confidence=stop)
         assert out.token_ids == ref.token_ids
-        assert out.stats.branch_drafted > out.stats.drafted > 0  # rounds did branch
+        assert out.stats.other_branches > 0 and out.stats.drafted > 0  # rounds did branch
         assert out.stats.target_calls < ref.stats.target_calls + 1
     one = run(pair, "sd", prompt, draft_branches=1, draft_len=4)
-    assert one.stats.branch_drafted == 0 and one.token_ids == ref.token_ids
+    assert one.stats.other_branches == 0 and one.token_ids == ref.token_ids
 
 
 class SecondBest(torch.nn.Module):

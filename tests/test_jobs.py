@@ -139,16 +139,20 @@ def test_bench_draft_measures_sd_variants_side_by_side(model_dirs, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, [
         "--target", str(model_dirs["llama-target"]), "--draft", str(model_dirs["llama-draft"]),
-        "--dataset", str(data), "--limit", "2", "--confidence", "0,0.99", "--max-new-tokens", "10",
+        "--dataset", str(data), "--limit", "2", "--confidence", "0,0.99", "--branches", "1,3", "--max-new-tokens", "10",
         "--threads", "1", "--out", str(out), "--card", str(card)])
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
-    plain, (stopped,) = figures["sd"], figures["sd_variants"]
+    plain, (stopped, branched) = figures["sd"], figures["sd_variants"]
     assert plain["outputs_equal_to_greedy"] == stopped["outputs_equal_to_greedy"] == 2
+    assert branched["outputs_equal_to_greedy"] == 2
     assert stopped["draft_confidence"] == 0.99 and 0 < stopped["drafted"] < plain["drafted"]
-    assert plain["greedy_wall_s"] == stopped["greedy_wall_s"] > 0
+    assert plain["other_branches"] == 0 < branched["other_branches"] and branched["draft_branches"] == 3
+    assert branched["acceptance_every_branch"] < branched["acceptance"] or branched["accepted"] == 0
+    assert plain["greedy_wall_s"] == stopped["greedy_wall_s"] == branched["greedy_wall_s"] > 0
     text = card.read_text()
-    assert "old" not in text and "draft_confidence 0.99" in text and text.endswith("rest\n")
+    assert "old" not in text and "draft_confidence 0.99" in text and "draft_branches 3" in text
+    assert text.endswith("rest\n")
 
 
 def test_bench_kernels_prints_both_layer_kinds_for_both_models(model_dirs):

@@ -103,7 +103,7 @@ def branched_round(ctx: Context, d: int, cands: list[int]) -> None:
     n, nxt = hits[best], int(checked.logits[best, hits[best]].argmax())
     ctx.stats.drafted += len(rows[best])
     ctx.stats.accepted += n
-    ctx.stats.branch_drafted += sum(map(len, rows))
+    ctx.stats.other_branches += sum(map(len, rows)) - len(rows[best])
     if n:
         ctx.target.adopt(checked, best, n - 1)
         ctx.draft.adopt(drafted, best, n - 1)
