@@ -33,7 +33,7 @@ HARMLESS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rl
 """The hh-rlhf pairs beside a checkout of this project (absent on a user's machine)."""
 SWEEPABLE = {"gain_share": float, "accept_ratio": float, "tau_accept": float, "tau_reward": float,
              "draft_len": int, "draft_confidence": float, "k": int, "lookahead": int, "reward_weight": float,
-             "reward_range": float}
+             "reward_range": float, "draft_branches": int, "branch_below": float}
 
 
 def load_samples(path: str | Path = SAMPLES) -> list[list[str]]:

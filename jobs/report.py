@@ -83,7 +83,8 @@ def refresh_readme(readme: Path, results: dict) -> None:
     if START not in text or END not in text:
         raise ValueError(f"{readme}: no {START} ... {END} markers to refresh")
     cfg = results["config"]
-    keys = ("k", "lookahead", "draft_len", "draft_confidence", "tau_accept", "tau_reward", "gain_share",
+    keys = ("k", "lookahead", "draft_len", "draft_confidence", "draft_branches", "branch_below", "tau_accept",
+            "tau_reward", "gain_share",
             "accept_ratio", "reward_weight", "max_new_tokens")
     settings = ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
     body = (f"{cfg['n']} concept sets of `{cfg['dataset']}`, default pair, {settings}; "
