@@ -1,4 +1,6 @@
-"""`sd`: plain speculative decoding (draft d tokens, one target call verifies them)."""
+"""`sd`: speculative decoding (draft d tokens, one target call verifies them; where the draft
+doubts its first token, its top few first tokens are drafted as branches and the same one call
+verifies them all)."""
 
 from __future__ import annotations
 
@@ -78,8 +80,8 @@ def matched(tokens: list[int], target_logits: torch.Tensor) -> int:
 
 
 def branches(ctx: Context, d: int) -> list[int]:
-    """The draft's first tokens to propose: its top `draft_branches` where it gives its best one
-    less than `branch_below`, else that one alone (an empty list: no branching this round)."""
+    """The draft's top `draft_branches` first tokens where it gives its best one less than
+    `branch_below`; an empty list where this round makes one proposal."""
     cfg = ctx.config
     # a fork needs the target's prefix cached; the first round's call would be a prefill of its own
     if cfg.draft_branches == 1 or not cfg.greedy or d < 2 or not ctx.target.n_cached:
