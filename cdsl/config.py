@@ -111,7 +111,13 @@ class DecodeConfig(_Strict):
     draft_branches: int = Field(2, ge=1, le=8)
     """`sd` (greedy): where the draft doubts its first token (`branch_below`), it proposes its
     top this-many first tokens, each rolled out, and ONE target call checks every branch; the
-    branch accepted furthest is kept (lossless). 1: one proposal."""
+    branch accepted furthest is kept (lossless). Only while the request has the engine to itself:
+    with other requests in flight their rows fill the batches, and branch rows cost time. 1: one
+    proposal."""
+    sd_max_others: int | None = Field(0, ge=0)
+    """`sd` drafts only while at most this many other requests are in flight in the same engine;
+    beyond that it decodes step by step, which writes the same text: their rows already fill each
+    target forward, so draft calls only add work (README, "Throughput"). None: always draft."""
     branch_below: float = Field(0.6, ge=0.0, le=1.0)
     """`sd` branches only where the draft gives its best first token less than this probability:
     where it is surer, its second choice is rarely the target's token (README, "The default

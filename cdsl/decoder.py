@@ -30,6 +30,10 @@ class Runner(Protocol):
         """Free the caches of `key` and its rollouts."""
         ...
 
+    def others(self) -> int:
+        """How many other generations share this runner's batches right now."""
+        ...
+
 
 class LocalRunner:
     """Runs each call at once on a store in this process."""
@@ -45,6 +49,9 @@ class LocalRunner:
 
     def release(self, key: str) -> None:
         self.store.release(key)
+
+    def others(self) -> int:
+        return 0
 
 
 def unsure(logits: torch.Tensor, confidence: float) -> bool:
@@ -207,6 +214,11 @@ class Decoder:
     def discard(self, rollout: Rollout) -> None:
         """Drop a rollout that will not be adopted."""
         self.runner.release(rollout.key)
+
+    @property
+    def others(self) -> int:
+        """How many other generations' calls share this model's batches right now."""
+        return self.runner.others()
 
     def close(self) -> None:
         """Free this sequence's caches wherever they live."""

@@ -182,8 +182,11 @@ class Guarded:
     so a cancelled request stops at its next model or reward call; a suspect request's calls run
     alone."""
 
-    def __init__(self, batcher: Batcher, cancelled: threading.Event, suspect: threading.Event) -> None:
+    def __init__(self, batcher: Batcher, cancelled: threading.Event, suspect: threading.Event,
+                 others: Callable[[], int] = lambda: 0) -> None:
         self.batcher, self.cancelled, self.suspect = batcher, cancelled, suspect
+        self.others = others
+        """Other requests in flight, whose calls share this batcher's batches."""
 
     def run(self, call: Any) -> Any:
         if self.cancelled.is_set():
@@ -253,6 +256,9 @@ class Engine:
         with self._lock:
             return list(self._live)
 
+    def _others(self) -> int:
+        return max(0, self.active - 1)
+
     def _expected(self, name: str) -> Callable[[], int]:
         def expected() -> int:
             elsewhere = sum(b.pending for n, b in self.phases.items() if n != name)
@@ -264,7 +270,7 @@ class Engine:
         config = request.config
         check_inputs(config.method, "draft" in self.phases, request.reward is not None)
         stop, suspect = threading.Event(), threading.Event()
-        phases = {name: Guarded(b, stop, suspect) for name, b in self.phases.items()}
+        phases = {name: Guarded(b, stop, suspect, self._others) for name, b in self.phases.items()}
         reward = BatchedReward(phases["reward"], request.reward) if request.reward else None
         with self._lock:
             self._live.setdefault(request.id, []).append(stop)

@@ -42,7 +42,10 @@ def _requests(methods, d=3):
     reqs = []
     for i, prompt in enumerate(PROMPTS):
         method = methods[i % len(methods)]
-        cfg = DecodeConfig(method=method, max_new_tokens=20, draft_len=d, k=3, lookahead=2)
+        # sd drafting and not branching whatever the load, so that a request's calls are the same
+        # in the engine as alone (the load-dependent defaults have a test of their own)
+        cfg = DecodeConfig(method=method, max_new_tokens=20, draft_len=d, k=3, lookahead=2, sd_max_others=None,
+                           draft_branches=1)
         reqs.append(Request(prompt, cfg, RewardSpec(concepts=CONCEPTS[i % len(CONCEPTS)])))
     return reqs
 
@@ -70,6 +73,22 @@ def test_engine_equals_one_at_a_time(pairs, family):
     use = _engine_matches_alone(pairs[family], _requests(["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]) * 2)
     assert use["target"]["mean_batch"] > 1.5  # calls of different requests really shared forwards
     assert set(use) == {"target", "draft", "reward"}
+
+
+def test_sd_in_a_busy_engine_takes_plain_steps_and_writes_the_same_text(pairs):
+    """With the defaults, concurrent sd requests stop drafting while they share the engine
+    (their rows fill its batches), and each still writes what it writes alone."""
+    target, draft = pairs["llama"]
+    reqs = [Request(p, DecodeConfig(method="sd", max_new_tokens=20, branch_below=1.0)) for p in PROMPTS]
+    engine = local_engine(target, draft)
+    try:
+        outs = engine.generate_many(reqs, concurrency=len(reqs))
+    finally:
+        engine.close()
+    alone = [generate(r.prompt, target, draft, None, r.config) for r in reqs]
+    assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
+    assert sum(o.stats.drafted for o in outs) < sum(a.stats.drafted for a in alone)
+    assert sum(o.stats.other_branches for o in outs) < sum(a.stats.other_branches for a in alone)
 
 
 def test_engine_frees_caches(pairs):

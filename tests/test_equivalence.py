@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from cdsl.config import DecodeConfig
+from cdsl.decoder import LocalRunner
 from cdsl.generate import generate
+from cdsl.methods import METHODS, Context
 from cdsl.models import LM
 from cdsl.rewards import Coverage, RewardInput
+from cdsl.store import SeqStore
 
 from .conftest import FAMILIES
 
@@ -100,6 +103,31 @@ def test_a_second_branch_is_kept_where_the_first_fails(pairs):
     assert one.token_ids == two.token_ids == ref.token_ids
     assert one.stats.accepted == 0 < two.stats.accepted
     assert two.stats.rounds < one.stats.rounds
+
+
+class Busy(LocalRunner):
+    """A runner whose batches `others` other generations share."""
+
+    def __init__(self, lm, others: int) -> None:
+        super().__init__(SeqStore(lm))
+        self.n = others
+
+    def others(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize("others,most,drafts", [(0, 0, True), (1, 0, False), (3, 4, True), (9, None, True)])
+def test_sd_drafts_only_while_few_requests_share_the_batches(pairs, others, most, drafts):
+    """Beyond `sd_max_others` other requests, sd takes plain target steps: the same text, no drafts."""
+    target, draft = pairs["llama"]
+    ref = run(pairs["llama"], "greedy", PROMPTS[0])
+    cfg = DecodeConfig(method="sd", max_new_tokens=24, sd_max_others=most, branch_below=1.0)
+    ctx = Context(PROMPTS[0], Busy(target, others), Busy(draft, others), None, cfg, codec=target)
+    METHODS["sd"].run(ctx)
+    assert ctx.out == ref.token_ids
+    assert (ctx.stats.drafted > 0) == drafts and (ctx.stats.draft_calls > 0) == drafts
+    assert (ctx.stats.other_branches > 0) == (drafts and not others)  # branches only alone
+    assert ctx.stats.target_calls <= ref.stats.target_calls + 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)

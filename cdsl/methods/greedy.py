@@ -5,8 +5,15 @@ from __future__ import annotations
 from cdsl.methods.context import Context
 
 
+def target_step(ctx: Context) -> None:
+    """Emit the target's next token (a draft, if any, reads it with its next call)."""
+    tok = ctx.pick.one(ctx.target.next_logits())
+    ctx.target.push([tok])
+    if ctx.draft is not None:
+        ctx.draft.push([tok])
+    ctx.emit([tok])
+
+
 def greedy(ctx: Context) -> None:
     while not ctx.finished:
-        tok = ctx.pick.one(ctx.target.next_logits())
-        ctx.target.push([tok])
-        ctx.emit([tok])
+        target_step(ctx)

@@ -11,6 +11,7 @@ import torch
 
 from cdsl.decoder import unsure
 from cdsl.methods.context import Context
+from cdsl.methods.greedy import target_step
 
 
 @dataclass
@@ -83,8 +84,9 @@ def branches(ctx: Context, d: int) -> list[int]:
     """The draft's top `draft_branches` first tokens where it gives its best one less than
     `branch_below`; an empty list where this round makes one proposal."""
     cfg = ctx.config
-    # a fork needs the target's prefix cached; the first round's call would be a prefill of its own
-    if cfg.draft_branches == 1 or not cfg.greedy or d < 2 or not ctx.target.n_cached:
+    # a fork needs the target's prefix cached (the first round's call would be a prefill of its
+    # own), and extra rows are free only while no other request's rows fill the batch
+    if cfg.draft_branches == 1 or not cfg.greedy or d < 2 or not ctx.target.n_cached or ctx.target.others:
         return []
     probs = torch.softmax(ctx.draft.next_logits().float(), -1)
     top = probs.topk(cfg.draft_branches)
@@ -118,7 +120,11 @@ def branched_round(ctx: Context, d: int, cands: list[int]) -> None:
 
 
 def sd(ctx: Context) -> None:
+    most = ctx.config.sd_max_others
     while not ctx.finished:
+        if most is not None and ctx.target.others > most:
+            target_step(ctx)  # the batch is full without drafts
+            continue
         ctx.stats.rounds += 1
         d = min(ctx.config.draft_len, ctx.budget)
         cands = branches(ctx, d)
