@@ -114,10 +114,12 @@ class DecodeConfig(_Strict):
     branch accepted furthest is kept (lossless). Only while the request has the engine to itself:
     with other requests in flight their rows fill the batches, and branch rows cost time. 1: one
     proposal."""
-    sd_max_others: int | None = Field(0, ge=0)
-    """`sd` drafts only while at most this many other requests are in flight in the same engine;
-    beyond that it decodes step by step, which writes the same text: their rows already fill each
-    target forward, so draft calls only add work (README, "Throughput"). None: always draft."""
+    draft_max_others: int | None = Field(0, ge=0)
+    """`sd`, and `cdsl` where it would speculate, draft only while at most this many other
+    requests are in flight in the same engine; beyond that they take the target's own next token,
+    which writes the same text (greedy; for `cdsl` with the default policy): the other requests'
+    rows already fill each target forward, so draft calls only add work (README, "Throughput").
+    None: always draft."""
     branch_below: float = Field(0.6, ge=0.0, le=1.0)
     """`sd` branches only where the draft gives its best first token less than this probability:
     where it is surer, its second choice is rarely the target's token (README, "The default

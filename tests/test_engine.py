@@ -44,7 +44,7 @@ def _requests(methods, d=3):
         method = methods[i % len(methods)]
         # sd drafting and not branching whatever the load, so that a request's calls are the same
         # in the engine as alone (the load-dependent defaults have a test of their own)
-        cfg = DecodeConfig(method=method, max_new_tokens=20, draft_len=d, k=3, lookahead=2, sd_max_others=None,
+        cfg = DecodeConfig(method=method, max_new_tokens=20, draft_len=d, k=3, lookahead=2, draft_max_others=None,
                            draft_branches=1)
         reqs.append(Request(prompt, cfg, RewardSpec(concepts=CONCEPTS[i % len(CONCEPTS)])))
     return reqs
@@ -89,6 +89,21 @@ def test_sd_in_a_busy_engine_takes_plain_steps_and_writes_the_same_text(pairs):
     assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
     assert sum(o.stats.drafted for o in outs) < sum(a.stats.drafted for a in alone)
     assert sum(o.stats.other_branches for o in outs) < sum(a.stats.other_branches for a in alone)
+
+
+def test_cdsl_in_a_busy_engine_writes_the_same_text_with_fewer_drafts(pairs):
+    target, _ = pairs["llama"]
+    draft = target  # always right, with a light reward weight: settled stretches to speculate
+    reqs = [Request(p, DecodeConfig(method="cdsl", max_new_tokens=20, k=3, lookahead=2, reward_weight=0.5),
+                    RewardSpec(concepts=CONCEPTS[i % len(CONCEPTS)])) for i, p in enumerate(PROMPTS)]
+    engine = local_engine(target, draft)
+    try:
+        outs = engine.generate_many(reqs, concurrency=len(reqs))
+    finally:
+        engine.close()
+    alone = [generate(r.prompt, target, draft, Coverage(r.reward.concepts), r.config) for r in reqs]
+    assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
+    assert sum(o.stats.draft_calls for o in outs) < sum(a.stats.draft_calls for a in alone)
 
 
 def test_engine_frees_caches(pairs):
@@ -234,7 +249,7 @@ def test_engine_equals_one_at_a_time_for_every_cdsl_action(pairs):
     for i, action in enumerate(["verified_prefix", "accept_draft", "cdlh_appx", "cdlh"] * 2):
         policy = {s: action for s in ("S1", "S2", "S3", "S4")}
         cfg = DecodeConfig(method="cdsl", max_new_tokens=16, draft_len=3, k=3, lookahead=2,
-                           reward_weight=0.5 + i, accept_ratio=0.2, policy=policy)
+                           reward_weight=0.5 + i, accept_ratio=0.2, policy=policy, draft_max_others=None)
         reqs.append(Request(PROMPTS[i % len(PROMPTS)], cfg, RewardSpec(concepts=CONCEPTS[i % len(CONCEPTS)])))
     _engine_matches_alone(pairs["llama"], reqs)
 

@@ -118,16 +118,29 @@ class Busy(LocalRunner):
 
 @pytest.mark.parametrize("others,most,drafts", [(0, 0, True), (1, 0, False), (3, 4, True), (9, None, True)])
 def test_sd_drafts_only_while_few_requests_share_the_batches(pairs, others, most, drafts):
-    """Beyond `sd_max_others` other requests, sd takes plain target steps: the same text, no drafts."""
+    """Beyond `draft_max_others` other requests, sd takes plain target steps: the same text, no drafts."""
     target, draft = pairs["llama"]
     ref = run(pairs["llama"], "greedy", PROMPTS[0])
-    cfg = DecodeConfig(method="sd", max_new_tokens=24, sd_max_others=most, branch_below=1.0)
+    cfg = DecodeConfig(method="sd", max_new_tokens=24, draft_max_others=most, branch_below=1.0)
     ctx = Context(PROMPTS[0], Busy(target, others), Busy(draft, others), None, cfg, codec=target)
     METHODS["sd"].run(ctx)
     assert ctx.out == ref.token_ids
     assert (ctx.stats.drafted > 0) == drafts and (ctx.stats.draft_calls > 0) == drafts
     assert (ctx.stats.other_branches > 0) == (drafts and not others)  # branches only alone
     assert ctx.stats.target_calls <= ref.stats.target_calls + 1
+
+
+def test_crowded_cdsl_takes_the_argmax_where_it_would_speculate_and_still_writes_cdlhs_text(pairs):
+    target, _ = pairs["llama"]
+    pair = (target, target)  # an always-right draft and a light reward weight: settled stretches to speculate
+    ref = run(pair, "cdlh", PROMPTS[0], reward_weight=0.5)
+    alone = run(pair, "cdsl", PROMPTS[0], reward_weight=0.5)
+    cfg = DecodeConfig(method="cdsl", max_new_tokens=24, reward_weight=0.5)
+    ctx = Context(PROMPTS[0], Busy(target, 1), Busy(target, 1), Coverage(["dog", "frisbee", "catch", "throw"]), cfg,
+                  codec=target)
+    METHODS["cdsl"].run(ctx)
+    assert ctx.out == alone.token_ids == ref.token_ids
+    assert alone.stats.draft_calls > 0 and ctx.stats.draft_calls == 0  # speculation stopped, not searches
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -37,6 +37,8 @@ import torch
 from cdsl.config import Action, State
 from cdsl.decoder import Rollout
 from cdsl.methods.context import Context
+from cdsl.methods.greedy import take
+from cdsl.methods.speculative import crowded
 
 
 def classify(a: float, r: float, tau_a: float, tau_r: float) -> State:
@@ -182,7 +184,10 @@ def cdsl(ctx: Context) -> None:
         ctx.stats.record_state(state.value)
         action = cfg.policy[state]
         if action in (Action.verified_prefix, Action.accept_draft) or len(cands) == 1:
-            speculate(ctx, cands, room, action is Action.accept_draft)
+            if action is not Action.accept_draft and cfg.greedy and crowded(ctx):
+                take(ctx, cands[0])  # what speculation would emit first; the next round goes on
+            else:
+                speculate(ctx, cands, room, action is Action.accept_draft)
         elif action is Action.cdlh_appx:
             search_on_draft(ctx, cands, logp, room)
         else:

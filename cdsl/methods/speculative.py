@@ -119,11 +119,17 @@ def branched_round(ctx: Context, d: int, cands: list[int]) -> None:
     ctx.emit(rows[best][:n] + [nxt])
 
 
+def crowded(ctx: Context) -> bool:
+    """Whether more than `draft_max_others` other requests share the target's batches: their
+    rows fill each forward, so drafting would only add work."""
+    most = ctx.config.draft_max_others
+    return most is not None and ctx.target.others > most
+
+
 def sd(ctx: Context) -> None:
-    most = ctx.config.sd_max_others
     while not ctx.finished:
-        if most is not None and ctx.target.others > most:
-            target_step(ctx)  # the batch is full without drafts
+        if crowded(ctx):
+            target_step(ctx)
             continue
         ctx.stats.rounds += 1
         d = min(ctx.config.draft_len, ctx.budget)
