@@ -38,7 +38,7 @@ from cdsl.config import Action, State
 from cdsl.decoder import Rollout
 from cdsl.methods.context import Context
 from cdsl.methods.greedy import take
-from cdsl.methods.speculative import crowded
+from cdsl.methods.speculative import crowded, cut
 
 
 def classify(a: float, r: float, tau_a: float, tau_r: float) -> State:
@@ -79,14 +79,6 @@ def settled(ctx: Context, rows: torch.Tensor, room: float) -> int:
     top = rows.topk(2, dim=-1).values
     ok = top[:, 0] - top[:, 1] > ctx.config.reward_weight * room
     return int(ok.long().cumprod(0).sum())
-
-
-def cut(ctx: Context, tokens: list[int]) -> list[int]:
-    """Tokens up to and including the first EOS."""
-    for i, tok in enumerate(tokens):
-        if tok in ctx.eos:
-            return tokens[: i + 1]
-    return tokens
 
 
 def check(ctx: Context, tokens: list[int], target: torch.Tensor, draft: torch.Tensor) -> tuple[int, int]:

@@ -74,6 +74,14 @@ def commit_prefix(ctx: Context, v: Verified) -> None:
     ctx.emit(v.tokens[: v.accepted] + [v.next_token])
 
 
+def cut(ctx: Context, tokens: list[int]) -> list[int]:
+    """Tokens up to and including the first EOS (nothing is drafted past one)."""
+    for i, tok in enumerate(tokens):
+        if tok in ctx.eos:
+            return tokens[: i + 1]
+    return tokens
+
+
 def matched(tokens: list[int], target_logits: torch.Tensor) -> int:
     """How many leading `tokens` are the target's argmax (`target_logits` [>= len(tokens), V])."""
     hits = target_logits[: len(tokens)].argmax(-1) == torch.tensor(tokens, dtype=torch.long)
@@ -100,8 +108,7 @@ def branched_round(ctx: Context, d: int, cands: list[int]) -> None:
     kept, so the output is still greedy decoding's."""
     drafted = ctx.draft.rollout(cands, d - 1, ctx.pick, ctx.config.draft_confidence, least=0)
     checked = ctx.target.score_rows(cands, drafted.tokens, lead=True)
-    rows = [[c, *row] for c, row in zip(cands, drafted.tokens.tolist())]
-    rows = [row[: next((i + 1 for i, t in enumerate(row) if t in ctx.eos), len(row))] for row in rows]
+    rows = [cut(ctx, [c, *row]) for c, row in zip(cands, drafted.tokens.tolist())]
     hits = [matched(row, checked.logits[i]) for i, row in enumerate(rows)]
     best = max(range(len(rows)), key=lambda i: (hits[i], -i))
     n, nxt = hits[best], int(checked.logits[best, hits[best]].argmax())
