@@ -148,6 +148,16 @@ class DecodeConfig(_Strict):
     """0 for greedy rollouts and choices; above 0 samples (speculative sampling for sd/cdsl)."""
     seed: int = 0
     """Seed of the sampling generator (unused when temperature is 0)."""
+    no_repeat_ngram: int = Field(3, ge=0, le=16)
+    """No word n-gram of this size occurs twice in the generated text (tokens compared by their
+    lower-cased text, punctuation skipped: `cdsl.rules.NoRepeat`): the banned tokens are
+    out of every model's next-token distribution, for every method alike (so sd = greedy and
+    CDSL = CDLH still hold). Without it CDLH and CDSL buy coverage with loops ("a drill, a field,
+    a drill, a field"). 3 is what NeuroLogic A*esque uses on CommonGen; 0: off."""
+    stop: Literal["auto", "eos", "sentence"] = "auto"
+    """Where the text ends besides EOS and the budget. "sentence": after its first sentence end
+    (".", "!", "?"), which is kept; "eos": only at EOS; "auto": "sentence" for a task whose answer
+    is one sentence (CommonGen concepts), else "eos"."""
     policy: dict[State, Action] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     """CDSL state -> action table; states left out keep the default action."""
 

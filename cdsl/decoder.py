@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from cdsl.models import LM
+from cdsl.rules import NoRepeat
 from cdsl.stats import Role, Stats
 from cdsl.store import Run, SeqStore
 
@@ -85,9 +86,12 @@ class Rollout:
 class Decoder:
     """One sequence on one model: token ids, a cache over a prefix of them, call accounting."""
 
-    def __init__(self, source: LM | Runner, ids: list[int], stats: Stats, role: Role | str, key: str = "seq") -> None:
+    def __init__(self, source: LM | Runner, ids: list[int], stats: Stats, role: Role | str, key: str = "seq",
+                 rule: NoRepeat | None = None) -> None:
+        """`rule`, if given, is part of this model's next-token distribution: every logits row
+        a call returns has the tokens it bans at -inf."""
         self.runner: Runner = LocalRunner(SeqStore(source)) if isinstance(source, LM) else source
-        self.stats, self.role, self.key = stats, Role(role), key
+        self.stats, self.role, self.key, self.rule = stats, Role(role), key, rule
         self.ids = list(ids)
         self.n_cached = 0
         self.logits: torch.Tensor | None = None
@@ -95,11 +99,18 @@ class Decoder:
         self._rollouts = 0
 
     def _run(self, key: str, tokens: list[list[int]], keep: int, fork: str | None = None,
-             last_only: bool = False) -> torch.Tensor:
+             last_only: bool = False, before: list[list[int]] | None = None) -> torch.Tensor:
+        """One call feeding `tokens[i]` in row i after `before[i]` (default: the first `keep` ids)."""
         call = Run(key, tokens, keep, self._moves, fork, last_only)
         self._moves = []
         with self.stats.model_call(self.role):
-            return self.runner.run(call)
+            logits = self.runner.run(call)
+        if self.rule is None:
+            return logits
+        before = before if before is not None else [self.ids[:keep]] * len(tokens)
+        if last_only:
+            return self.rule.mask(logits[:, None], before, tokens)[:, 0]
+        return self.rule.mask(logits, before, tokens)
 
     def push(self, tokens: list[int]) -> None:
         """Append tokens whose logits nobody needs yet: they stay pending, and the next call
@@ -162,14 +173,16 @@ class Decoder:
         pending = self._pending_for_rows()
         key, base = self._fork_key(), self.n_cached
         feed, out, rows = [[*pending, c] for c in candidates], [], []
+        history = [self.ids[:base]] * len(candidates)  # each row's ids before its fed tokens
         for i in range(steps):
             keep = base + len(pending) + i if i else base
-            logits = self._run(key, feed, keep, fork=self.key if i == 0 else None, last_only=True)
+            logits = self._run(key, feed, keep, fork=self.key if i == 0 else None, last_only=True, before=history)
             if i >= least and confidence and unsure(logits[:1], confidence):
                 break
             picked = pick(logits)
             rows.append(logits)
             out.append(picked[:, None])
+            history = [h + f for h, f in zip(history, feed)]
             feed = picked[:, None].tolist()
         if not rows:
             return Rollout(list(candidates), torch.empty(len(feed), 0, dtype=torch.long),

@@ -11,6 +11,7 @@ coordinator needs when the weights live in other processes. Running sequences ov
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 import cdsl.draft_model  # also registers the default draft's architecture
 from cdsl import pretrained
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, ModelConfig
+from cdsl.rules import WordKeys, sentence_ends
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -200,6 +202,16 @@ class Codec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @cached_property
+    def sentence_end_ids(self) -> frozenset[int]:
+        """Token ids that end a sentence (`cdsl.rules.sentence_ends`), found once."""
+        return sentence_ends(self.tokenizer)
+
+    @cached_property
+    def word_keys(self) -> WordKeys:
+        """Each token's word for the no-repeat rule (`cdsl.rules.WordKeys`), found once."""
+        return WordKeys(self.tokenizer)
 
 
 class LM(Codec):

@@ -39,7 +39,9 @@ class RewardInput:
 class Reward(Protocol):
     """Optionally a reward also says `monotone = True` when adding text never lowers its score
     (coverage, keywords, a regex search): then the prefix's score bounds what any continuation
-    can gain, which lets CDSL skip searches that cannot change the choice."""
+    can gain, which lets CDSL skip searches that cannot change the choice; and
+    `one_sentence = True` when the task's answer is one sentence (CommonGen), which ends the text
+    at its first sentence end under `DecodeConfig.stop` "auto"."""
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
         """R(prompt, prefix + continuation) in [0, 1] for each input."""
@@ -84,6 +86,8 @@ def coverage(text: str, concepts: Sequence[str]) -> float:
 class Coverage:
     """CommonGen coverage: the fraction of concepts the text uses."""
 
+    one_sentence = True
+    """The task's answer is one sentence (see `DecodeConfig.stop`)."""
     monotone = True
     """Added text never un-covers a concept, bar a token that extends the prefix's last word
     ("cat" + "alog"); CDSL's exactness w.r.t. CDLH rests on this and ignores that case."""
@@ -98,6 +102,7 @@ class Coverage:
 class Keywords(Coverage):
     """Given keywords present verbatim (whole words or phrases, case-insensitive)."""
 
+    one_sentence = False
     def __init__(self, keywords: Sequence[str]) -> None:
         super().__init__(keywords)
         # compiled once: score runs on every CDLH candidate
@@ -128,6 +133,7 @@ class Combined:
             raise ValueError("a combined reward needs at least one part")
         self.parts, self.how = list(parts), how
         self.monotone = all(getattr(r, "monotone", False) for r, _ in self.parts)
+        self.one_sentence = any(getattr(r, "one_sentence", False) for r, _ in self.parts)
 
     def _combine(self, columns: list[list[float]]) -> list[float]:
         if self.how == "all":

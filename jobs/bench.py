@@ -25,15 +25,15 @@ from cdsl.models import LM
 from cdsl.rewards import Coverage, Reward
 from cdsl.stats import Stats
 from cdsl.tasks import commongen_prompt, parse_concepts, read_commongen_jsonl, read_harmless_jsonl
+from jobs.quality import quality
 
 SAMPLES = BUNDLED / "samples.jsonl"
 """The concept sets that ship with the package (`make run`, `cdsl demo`)."""
 
 HARMLESS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-dev.jsonl"
 """The hh-rlhf pairs beside a checkout of this project (absent on a user's machine)."""
-SWEEPABLE = {"gain_share": float, "accept_ratio": float, "tau_accept": float, "tau_reward": float,
-             "draft_len": int, "draft_confidence": float, "k": int, "lookahead": int, "reward_weight": float,
-             "reward_range": float, "draft_branches": int, "branch_below": float}
+SWEEPABLE = {name: f.annotation for name, f in DecodeConfig.model_fields.items() if f.annotation in (int, float)}
+"""The numeric `DecodeConfig` fields a `--sweep` grid may vary, with their types."""
 
 
 def load_samples(path: str | Path = SAMPLES) -> list[list[str]]:
@@ -73,25 +73,32 @@ class Summary:
                 "reward_s": t.time_reward, "reward_s_per_token": t.time_reward / max(1, t.tokens)}
 
 
-def load_dataset(dataset: str, limit: int = 0) -> list[list[str]]:
-    """Concept sets from "builtin", a CommonGen jsonl, a jsonl with `concepts`, or Parquet."""
+def load_rows(dataset: str, limit: int = 0) -> list[dict]:
+    """Rows `{"concepts": [...], "references": [...]}` from "builtin", a CommonGen jsonl (its
+    `scene` references), a jsonl with `concepts`, or Parquet; references are empty where the
+    file has none."""
     if dataset == "builtin":
-        sets = load_samples(SAMPLES)
+        rows = [{"concepts": c} for c in load_samples(SAMPLES)]
     elif dataset.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         table = pq.read_table(dataset, columns=["concepts"])
-        sets = [parse_concepts(c) for c in table.column("concepts").to_pylist()]
+        rows = [{"concepts": parse_concepts(c)} for c in table.column("concepts").to_pylist()]
     else:
         path = Path(dataset)
         if not path.exists():
             raise FileNotFoundError(f"dataset not found: {dataset}")
         first = json.loads(path.open().readline())
         if "concept_set" in first:
-            sets = [r["concepts"] for r in read_commongen_jsonl(path)]
+            rows = list(read_commongen_jsonl(path))
         else:
-            sets = [parse_concepts(json.loads(line)["concepts"]) for line in path.open() if line.strip()]
-    return sets[: limit or None]
+            rows = [{"concepts": parse_concepts(json.loads(line)["concepts"])} for line in path.open() if line.strip()]
+    return [{"references": [], **r} for r in rows[: limit or None]]
+
+
+def load_dataset(dataset: str, limit: int = 0) -> list[list[str]]:
+    """The concept sets of `load_rows`."""
+    return [r["concepts"] for r in load_rows(dataset, limit)]
 
 
 def load_harmless(dataset: str, limit: int = 0, tokenizer=None, held_out: bool = False) -> list[str]:
@@ -126,11 +133,17 @@ class Example:
     threshold: float = 1.0
     """An output passes when its final reward (`Generation.reward`, computed once per output)
     reaches this: every concept covered, or the reward model's score at least the threshold."""
+    references: list[str] = field(default_factory=list)
+    """Human-written outputs to score BLEU-4 and ROUGE-L against (CommonGen's `scene`)."""
 
 
-def commongen_examples(concept_sets: list[list[str]], tokenizer=None) -> list[Example]:
-    """CommonGen: the coverage reward steers, and the text passes when it uses every concept."""
-    return [Example(commongen_prompt(c, tokenizer), partial(Coverage, c), {"concepts": c}) for c in concept_sets]
+def commongen_examples(concept_sets: list[list[str]], tokenizer=None,
+                       references: list[list[str]] | None = None) -> list[Example]:
+    """CommonGen: the coverage reward steers, and the text passes when it uses every concept;
+    `references[i]` (if given) are set i's human sentences."""
+    refs = references or [[] for _ in concept_sets]
+    return [Example(commongen_prompt(c, tokenizer), partial(Coverage, c), {"concepts": c}, references=list(r))
+            for c, r in zip(concept_sets, refs, strict=True)]
 
 
 def harmless_examples(prompts: list[str], reward_model: Reward, threshold: float = 0.5) -> list[Example]:
@@ -159,12 +172,11 @@ def run_bench(examples: list[Example], runs: dict[str, DecodeConfig], target: LM
         d = s.to_dict()
         d["perplexity"] = math.exp(sum(math.log(x) for x in ppl[name]) / max(1, len(ppl[name])))
         d["tokens_per_s"] = d["tokens"] / max(1e-9, d["wall_s"])
+        d.update(quality(s.texts, [ex.references for ex in examples]))
         d["config"] = runs[name].model_dump(mode="json", exclude={"policy"})
         d["texts"] = s.texts
         out[name] = d
     return out
-
-
 
 
 def run_methods(concept_sets: Iterable[list[str]], methods: list[str], target: LM, draft: LM | None,

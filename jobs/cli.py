@@ -20,19 +20,9 @@ from cdsl.request import Limits, Request, RequestInput
 from cdsl.request import validation_error as to_request_error
 from cdsl.rewards import RewardSpec
 from cdsl.tasks import parse_concepts
+from jobs.options import decode_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-D = DecodeConfig()
-
-
-def _help(name: str) -> str:
-    return DecodeConfig.model_fields[name].description or ""
-
-
-def _opt(name: str):
-    """A CLI option whose default and help come from `DecodeConfig`, the one source of both."""
-    return typer.Option(getattr(D, name), help=_help(name))
-
 
 TARGET = typer.Option(BUILTIN_TARGET, help="Target model: local folder, hub id, .gguf file or builtin name.")
 DRAFT = typer.Option(BUILTIN_DRAFT, help="Draft model: local folder, hub id, .gguf file or builtin name.")
@@ -54,6 +44,7 @@ def split_list(value: str | None) -> list[str]:
 
 
 @app.command()
+@decode_options()
 def generate(
     concepts: str = typer.Option(None, help="Concepts to cover, comma-separated (CommonGen task)."),
     prompt: str = typer.Option(None, help="Prompt text; default: the CommonGen prompt built from --concepts."),
@@ -64,24 +55,8 @@ def generate(
     reward_model: str = typer.Option(None, help="A sequence-classification reward model (folder, hub id or "
                                      f"{BUILTIN_HARMLESS}); combines with the other constraints."),
     reward_label: str = typer.Option(None, help="Label of --reward-model whose probability is the reward."),
-    method: str = _opt("method"),
     target: str = TARGET,
     draft: str = DRAFT,
-    k: int = _opt("k"),
-    lookahead: int = _opt("lookahead"),
-    draft_len: int = _opt("draft_len"),
-    draft_confidence: float = _opt("draft_confidence"),
-    draft_branches: int = _opt("draft_branches"),
-    branch_below: float = _opt("branch_below"),
-    tau_accept: float = _opt("tau_accept"),
-    tau_reward: float = _opt("tau_reward"),
-    gain_share: float = _opt("gain_share"),
-    reward_range: float = _opt("reward_range"),
-    accept_ratio: float = _opt("accept_ratio"),
-    reward_weight: float = _opt("reward_weight"),
-    max_new_tokens: int = _opt("max_new_tokens"),
-    temperature: float = _opt("temperature"),
-    seed: int = _opt("seed"),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float64, bfloat16, float16."),
     device: str = typer.Option("cpu", help="torch device for both models."),
     backend: str = typer.Option("local", help="local: in this process; ray: through the Ray pipeline "
@@ -89,6 +64,7 @@ def generate(
     target_tp: int = typer.Option(1, help="Tensor-parallel size of the target (--backend ray)."),
     onednn: bool = ONEDNN,
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ..., "stats": {...}}.'),
+    decode: DecodeConfig = None,
 ) -> None:
     """Generate one text under a constraint and print it (or JSON with its stats)."""
     if backend not in ("local", "ray"):
@@ -98,12 +74,7 @@ def generate(
             prompt=prompt, dialogue=dialogue,
             constraints=RewardSpec(concepts=parse_concepts(concepts) if concepts else [], keywords=split_list(keywords),
                                    regex=regex, reward_model=reward_model, reward_model_label=reward_label),
-            decode=DecodeConfig(method=method, k=k, lookahead=lookahead, draft_len=draft_len,
-                                draft_confidence=draft_confidence, draft_branches=draft_branches,
-                                branch_below=branch_below, tau_accept=tau_accept,
-                                tau_reward=tau_reward, gain_share=gain_share, reward_range=reward_range,
-                                accept_ratio=accept_ratio, reward_weight=reward_weight,
-                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+            decode=decode)
         target_cfg = ModelConfig(path=target, dtype=dtype, device=device, onednn=onednn)
         needs_draft = METHODS[ask.decode.method].needs_draft
         draft_cfg = ModelConfig(path=draft, dtype=dtype, device=device, onednn=onednn) if needs_draft else None
@@ -212,6 +183,7 @@ def demo(
 
 
 @app.command()
+@decode_options(skip=("method",))
 def bench(
     task: str = typer.Option("commongen", help="commongen (concept coverage) or harmless (reward model)."),
     dataset: str = typer.Option("builtin", help="commongen: builtin, a CommonGen-format jsonl, or Parquet with "
@@ -232,20 +204,8 @@ def bench(
     readme: str = typer.Option(None, help="Also refresh the table between the bench markers of this file."),
     target: str = TARGET,
     draft: str = DRAFT,
-    k: int = _opt("k"),
-    lookahead: int = _opt("lookahead"),
-    draft_len: int = _opt("draft_len"),
-    draft_confidence: float = _opt("draft_confidence"),
-    draft_branches: int = _opt("draft_branches"),
-    branch_below: float = _opt("branch_below"),
-    tau_accept: float = _opt("tau_accept"),
-    tau_reward: float = _opt("tau_reward"),
-    gain_share: float = _opt("gain_share"),
-    reward_range: float = _opt("reward_range"),
-    accept_ratio: float = _opt("accept_ratio"),
-    reward_weight: float = _opt("reward_weight"),
-    max_new_tokens: int = _opt("max_new_tokens"),
     onednn: bool = ONEDNN,
+    decode: DecodeConfig = None,
 ) -> None:
     """Benchmark methods side by side (and optionally sweep CDSL's knobs); writes OUT/results.json."""
     from pathlib import Path
@@ -255,8 +215,8 @@ def bench(
         HARMLESS_DATA,
         commongen_examples,
         harmless_examples,
-        load_dataset,
         load_harmless,
+        load_rows,
         parse_sweep,
         run_bench,
     )
@@ -266,11 +226,7 @@ def bench(
     if task not in ("commongen", "harmless"):
         fail(f"--task must be commongen or harmless, got {task!r}")
     try:
-        base = DecodeConfig(k=k, lookahead=lookahead, draft_len=draft_len, draft_confidence=draft_confidence,
-                            draft_branches=draft_branches, branch_below=branch_below, tau_accept=tau_accept,
-                            tau_reward=tau_reward, gain_share=gain_share, reward_range=reward_range,
-                            accept_ratio=accept_ratio,
-                            reward_weight=reward_weight, max_new_tokens=max_new_tokens)
+        base = decode
         if not names:
             fail("--methods is empty")
         runs = {m: DecodeConfig(**{**base.model_dump(), "method": m}) for m in names}
@@ -278,11 +234,12 @@ def bench(
         sweep_runs = {"cdsl " + " ".join(f"{k_}={v}" for k_, v in g.items()):
                       DecodeConfig(**{**base.model_dump(), **g, "method": "cdsl"}) for g in grid}
         harmless_path = str(HARMLESS_DATA) if dataset == "builtin" else dataset
-        sets = (load_dataset(dataset, limit) if task == "commongen"
+        sets = (load_rows(dataset, limit) if task == "commongen"
                 else load_harmless(harmless_path, limit, held_out=held_out))
         target_lm, draft_lm = load_pair(ModelConfig(path=target, onednn=onednn), ModelConfig(path=draft, onednn=onednn))
         if task == "commongen":
-            examples = commongen_examples(sets, target_lm.tokenizer)
+            examples = commongen_examples([r["concepts"] for r in sets], target_lm.tokenizer,
+                                          [r["references"] for r in sets])
         else:  # the dialogues again, now as chat prompts for the target's template
             prompts = load_harmless(harmless_path, limit, target_lm.tokenizer, held_out)
             examples = harmless_examples(prompts, RewardModel(reward_model, reward_label,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from cdsl.config import DecodeConfig
 from jobs.bench import Example
 
 
@@ -61,17 +62,28 @@ def report_table(results: dict) -> str:
     ok, mean = (f"reward >= {results['config'].get('threshold', 0.5)}", "mean reward") if harmless else (
         "all concepts", "mean coverage")
     extra = " reward ms/token |" if harmless else ""  # a reward model's cost is the harmless task's question
-    rows = [f"| method | {ok} | {mean} | perplexity | wall s | tokens/s | target calls/token "
+    rows = [f"| method | {ok} | {mean} | repeated trigram | one sentence | words | BLEU-4 | ROUGE-L "
+            f"| perplexity | wall s | tokens/s | target calls/token "
             f"| speedup vs CDLH | wall vs greedy | time in forward passes |{extra} states S1/S2/S3/S4 |",
-            "|---" * (12 if harmless else 11) + "|"]
+            "|---" * (17 if harmless else 16) + "|"]
     for name, d in results["methods"].items():
         states = "/".join(str(d["states"][s]) for s in ("S1", "S2", "S3", "S4")) if sum(d["states"].values()) else "-"
         cost = f" {1000 * d.get('reward_s_per_token', 0.0):.0f} |" if harmless else ""
-        rows.append(f"| {name} | {d['ok_share']:.1%} | {d['score_mean']:.1%} | {d['perplexity']:.1f} "
+        rows.append(f"| {name} | {d['ok_share']:.1%} | {d['score_mean']:.1%} | {quality_cells(d)} "
+                    f"| {d['perplexity']:.1f} "
                     f"| {d['wall_s']:.1f} | {d['tokens_per_s']:.0f} | {d['target_calls_per_token']:.2f} "
                     f"| {speed.get(name, float('nan')):.2f}x | {vs_greedy.get(name, float('nan')):.2f}x "
                     f"| {d['time_model_share']:.0%} |{cost} {states} |")
     return "\n".join(rows)
+
+
+def quality_cells(d: dict) -> str:
+    """The `jobs.quality` figures of one method as table cells ("-" where a run lacks them: no
+    references, or results.json from before they were measured)."""
+    def cell(key: str, form: str) -> str:
+        return format(d[key], form) if key in d else "-"
+    return " | ".join([cell("repeated_trigram_share", ".0%"), cell("one_sentence_share", ".0%"),
+                       cell("mean_words", ".1f"), cell("bleu4", ".1f"), cell("rouge_l", ".1f")])
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -83,10 +95,8 @@ def refresh_readme(readme: Path, results: dict) -> None:
     if START not in text or END not in text:
         raise ValueError(f"{readme}: no {START} ... {END} markers to refresh")
     cfg = results["config"]
-    keys = ("k", "lookahead", "draft_len", "draft_confidence", "draft_branches", "branch_below", "tau_accept",
-            "tau_reward", "gain_share",
-            "accept_ratio", "reward_weight", "max_new_tokens")
-    settings = ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+    settings = ", ".join(f"{k}={cfg[k]}" for k in DecodeConfig.model_fields
+                         if k in cfg and k not in ("method", "policy", "temperature", "seed"))
     body = (f"{cfg['n']} concept sets of `{cfg['dataset']}`, default pair, {settings}; "
             f"measured in one run by `make bench`.\n\n{report_table(results)}\n")
     head, rest = text.split(START, 1)

@@ -131,7 +131,7 @@ def search_on_draft(ctx: Context, cands: list[int], logp: torch.Tensor, room: fl
         tokens = cut(ctx, [c, *drafted.tokens[i].tolist()])
         n, nxt = check(ctx, tokens, checked.logits[i], drafted.logits[i])
         verdicts.append((tokens, min(n, settled(ctx, checked.logits[i, : len(tokens) - 1], room))))
-        rows.append(tokens[: n + 1] + ([] if tokens[n] in ctx.eos else [nxt]))
+        rows.append(tokens[: n + 1] + ([] if tokens[n] in ctx.ends else [nxt]))
     best, _ = choose(ctx, logp[cands], rows)
     tokens, n = verdicts[best]
     ctx.stats.drafted += len(tokens) - 1

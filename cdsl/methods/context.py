@@ -10,6 +10,7 @@ from cdsl.config import DecodeConfig
 from cdsl.decoder import Decoder, Runner
 from cdsl.models import LM, Codec
 from cdsl.rewards import Reward, RewardInput
+from cdsl.rules import NoRepeat
 from cdsl.sampling import Picker
 from cdsl.stats import Role, Stats
 
@@ -21,7 +22,8 @@ class Generation:
     text: str
     token_ids: list[int]
     finish_reason: str
-    """"eos" when the model ended the text, "length" when max_new_tokens did."""
+    """"eos" when the model ended the text, "stop" when a stop rule did (the end of the first
+    sentence, `DecodeConfig.stop`), "length" when max_new_tokens did."""
     stats: Stats = field(default_factory=Stats)
     reward: float | None = None
     """R(prompt, text) of the final text under the request's constraints; None without any."""
@@ -29,6 +31,12 @@ class Generation:
     def to_dict(self) -> dict:
         out = {"text": self.text, "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
         return out if self.reward is None else {**out, "reward": self.reward}
+
+
+def ends_at_sentence(config: DecodeConfig, reward: Reward | None) -> bool:
+    """Whether the text ends at its first sentence end: `stop` "sentence", or "auto" for a task
+    whose answer is one sentence (a reward that says `one_sentence`, such as CommonGen coverage)."""
+    return config.stop == "sentence" or (config.stop == "auto" and bool(getattr(reward, "one_sentence", False)))
 
 
 class Context:
@@ -49,10 +57,15 @@ class Context:
         self.lm.check_fits(len(ids), config.max_new_tokens)  # out counts against max_new_tokens
         self.n_prompt = len(ids)
         self.out: list[int] = list(out)
-        self.target = Decoder(target, ids + self.out, self.stats, Role.target, key)
-        self.draft = Decoder(draft, ids + self.out, self.stats, Role.draft, key) if draft is not None else None
+        rule = NoRepeat(config.no_repeat_ngram, len(ids), self.lm.word_keys) if config.no_repeat_ngram else None
+        self.target = Decoder(target, ids + self.out, self.stats, Role.target, key, rule)
+        self.draft = Decoder(draft, ids + self.out, self.stats, Role.draft, key, rule) if draft is not None else None
         self.eos = set(self.lm.eos_ids)
-        """Every token id that ends the text."""
+        """Token ids that end the text unwritten."""
+        self.stops = self.lm.sentence_end_ids if ends_at_sentence(config, reward) else frozenset()
+        """Token ids that end the text after being written (the end of its first sentence)."""
+        self.ends = self.eos | self.stops
+        """Every token id after which nothing is generated."""
         self.finish_reason: str | None = None
         self.on_emit = None
         """Called with each batch of newly emitted token ids (streaming)."""
@@ -79,6 +92,9 @@ class Context:
                 break
             self.out.append(tok)
             self.stats.tokens += 1
+            if tok in self.stops:
+                self.finish_reason = "stop"
+                break
             if self.budget <= 0:
                 self.finish_reason = "length"
                 break
@@ -86,10 +102,13 @@ class Context:
             self.on_emit(self.out[start:])
 
     def cut(self, tokens: list[int]) -> tuple[list[int], bool]:
-        """Tokens up to (not including) EOS, and whether the text ends with them."""
+        """Tokens up to EOS (not included) or a stop token (included), and whether the text ends
+        with them."""
         for i, tok in enumerate(tokens):
             if tok in self.eos:
                 return tokens[:i], True
+            if tok in self.stops:
+                return tokens[: i + 1], True
         return tokens, len(tokens) >= self.budget
 
     def reward_inputs(self, continuations: list[list[int]]) -> list[RewardInput]:

@@ -42,7 +42,7 @@ def draft(ctx: Context, d: int, stop: Callable[[torch.Tensor], bool] | None = No
         tok = ctx.pick.one(row)
         tokens.append(tok)
         logits.append(row)
-        if tok in ctx.eos or len(tokens) == d:
+        if tok in ctx.ends or len(tokens) == d:
             ctx.draft.push([tok])  # its logits are not needed unless every token passes
             break
         row = ctx.draft.step([tok])[-1]
@@ -75,9 +75,9 @@ def commit_prefix(ctx: Context, v: Verified) -> None:
 
 
 def cut(ctx: Context, tokens: list[int]) -> list[int]:
-    """Tokens up to and including the first EOS (nothing is drafted past one)."""
+    """Tokens up to and including the first that ends the text (nothing is drafted past one)."""
     for i, tok in enumerate(tokens):
-        if tok in ctx.eos:
+        if tok in ctx.ends:
             return tokens[: i + 1]
     return tokens
 
