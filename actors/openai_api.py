@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from actors.config import ServerConfig
 from cdsl.config import DecodeConfig, RequestError
@@ -64,23 +64,16 @@ class Constraints(BaseModel):
     """How several constraints combine: mean, or the weakest one."""
 
 
-class CdslOptions(BaseModel):
-    """Decoding settings; unset ones take the server's defaults (`pipeline.decode`)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    method: str | None = None
-    """greedy, sd, cdlh, cdlh-appx or cdsl."""
-    k: int | None = None
-    lookahead: int | None = None
-    draft_len: int | None = None
-    draft_confidence: float | None = None
-    tau_accept: float | None = None
-    tau_reward: float | None = None
-    gain_share: float | None = None
-    reward_range: float | None = None
-    accept_ratio: float | None = None
-    reward_weight: float | None = None
+OPENAI_NAMED = {field[len("decode."):] for field in HTTP_NAMES}
+"""`DecodeConfig` fields set through their OpenAI names (max_tokens, temperature, seed)."""
+CdslOptions = create_model(
+    "CdslOptions",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Decoding settings: every `DecodeConfig` field but those with OpenAI names; unset ones take the "
+            "server's defaults (`pipeline.decode`). Their limits are DecodeConfig's, checked once in `to_input`.",
+    **{name: (f.annotation | None, Field(None, description=f.description))
+       for name, f in DecodeConfig.model_fields.items() if name not in OPENAI_NAMED},
+)
 
 
 class _Common(BaseModel):
@@ -123,8 +116,9 @@ def to_input(body: _Common, config: ServerConfig) -> RequestInput:
         raise ApiError(404, f"model: {body.model!r} is not served here (this server serves {config.model_name!r})",
                        "model", "model_not_found")
     if body.stop:
-        raise ApiError(400, "stop: stop sequences are not supported; the text ends at EOS or max_tokens", "stop")
-    updates = {k: v for k, v in body.cdsl.model_dump().items() if v is not None}
+        raise ApiError(400, "stop: stop sequences are not supported; the text ends at EOS, max_tokens or "
+                            "cdsl.stop", "stop")
+    updates = body.cdsl.model_dump(exclude_unset=True)  # a null sent is kept: draft_max_others=null
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None:
         updates["max_new_tokens"] = max_tokens
@@ -255,7 +249,7 @@ def _usage(prompt_tokens: int, gen: Generation) -> Usage:
 
 
 def _finish(gen: Generation) -> Literal["stop", "length"]:
-    return "stop" if gen.finish_reason == "eos" else "length"
+    return "length" if gen.finish_reason == "length" else "stop"  # eos, or the end of the first sentence
 
 
 def completion(request: Request, gen: Generation, stats: CdslStats, model: str, prompt_tokens: int,

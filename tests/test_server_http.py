@@ -156,3 +156,25 @@ def test_responses_and_chunks_have_openai_shapes():
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == " a man rides"
     assert [c.choices[0].finish_reason for c in chunks] == [None, None, "length"]
     assert chunks[-1].usage.completion_tokens == 2 and chunks[0].usage is None
+
+
+def test_every_decode_setting_is_accepted_over_http_under_one_set_of_limits():
+    """Each `DecodeConfig` field (but the three with OpenAI names) is a `cdsl` option and reaches
+    the engine; a value outside DecodeConfig's limit is a 400 naming the field."""
+    from cdsl.config import DecodeConfig
+
+    changed = {"method": "sd", "k": 3, "lookahead": 2, "draft_len": 3, "draft_confidence": 0.2, "draft_branches": 3,
+               "draft_max_others": None, "branch_below": 0.5, "accept_ratio": 0.5, "gain_share": 0.5,
+               "reward_range": 0.5, "tau_accept": 0.4, "tau_reward": 0.9, "reward_weight": 2.0,
+               "no_repeat_ngram": 2, "stop": "eos", "policy": {"S2": "verified_prefix"}}
+    assert set(changed) == set(DecodeConfig.model_fields) - {"max_new_tokens", "temperature", "seed"}
+    backend = FakeBackend()
+    client = client_for(backend)
+    assert client.post("/v1/completions", json={**BODY, "cdsl": changed}).status_code == 200
+    (req,) = backend.seen
+    got = req.config.model_dump(mode="json")
+    assert {k: got[k] for k in changed if k != "policy"} == {k: v for k, v in changed.items() if k != "policy"}
+    assert got["policy"]["S2"] == "verified_prefix"
+    bad = client.post("/v1/completions", json={**BODY, "cdsl": {"draft_branches": 99}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cdsl.draft_branches"
+    assert "8" in bad.json()["error"]["message"]
