@@ -42,6 +42,8 @@ class Limits(BaseModel):
     """Longest prompt, dialogue or chat messages together, in characters."""
     max_concepts: int = Field(32, ge=1, le=64)
     """Most concepts (and, separately, keywords) per request."""
+    max_concept_chars: int = Field(100, ge=1, le=1000)
+    """Longest single concept or keyword, in characters."""
     max_k: int = Field(16, ge=1, le=64)
     """Largest `k` (CDLH candidates per step)."""
     max_lookahead: int = Field(16, ge=1, le=64)
@@ -117,6 +119,11 @@ class RequestInput(BaseModel):
                 (source, size, limits.max_prompt_chars, " characters")):
             if value > limit:
                 raise RequestError(name, f"{value}{unit} is above the limit of {limit}{unit}")
+        for name, items in (("constraints.concepts", c.concepts), ("constraints.keywords", c.keywords)):
+            for i, item in enumerate(items):
+                if len(item) > limits.max_concept_chars:
+                    raise RequestError(f"{name}[{i}]", f"{len(item)} characters is above the limit of "
+                                                       f"{limits.max_concept_chars} characters")
 
     def _source_size(self) -> tuple[str, int]:
         if self.messages is not None:

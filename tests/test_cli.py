@@ -47,6 +47,8 @@ def test_bad_options_name_the_field(model_dirs):
     assert res.exit_code == 2 and "exceed the model's context window of 1024 tokens" in res.output, res.output
     res = invoke(model_dirs, "--concepts", "dog", "--prompt", "dog " * 20000)
     assert res.exit_code == 2 and "prompt: 80000 characters is above the limit of 8000" in res.output, res.output
+    res = invoke(model_dirs, "--concepts", "dog," + "x" * 5000)
+    assert res.exit_code == 2 and "constraints.concepts[1]: 5000 characters is above the limit of 100" in res.output
     res = invoke(model_dirs, "--prompt", "Hi", "--dialogue", "\n\nHuman: Hi\n\nAssistant:")
     assert res.exit_code == 2 and "give one of prompt, messages, dialogue" in res.output, res.output
     res = invoke(model_dirs, "--concepts", "dog", "--regex", "([a")

@@ -51,17 +51,18 @@ def test_rows_checked_with_field_and_limit(tmp_path):
     src = tmp_path / "in.jsonl"
     items = [{"concepts": ["dog", "cat"]}, {"concepts": []}, None, {"concepts": "dog_N#run_V"},
              {"concepts": ["a"], "prompt": "x" * 9000}, {"concepts": ["w"] * 40}, {"concepts": ["w"] * 65},
-             {"concepts": ["a"], "prompt": 7}]
+             {"concepts": ["a"], "prompt": 7}, {"concepts": None}, {"concepts": ["x" * 5000]}]
     src.write_text("\n".join("{oops" if i is None else json.dumps(i) for i in items))
     rows, schema = read_rows(src)
-    assert [r["row"] for r in rows] == list(range(8))
+    assert [r["row"] for r in rows] == list(range(10))
     assert check_row(rows[0]).reward.concepts == ["dog", "cat"]
     assert check_row(rows[3]).reward.concepts == ["dog", "run"]
     for row, message in [(rows[1], "concepts: at least one"), (rows[2], "row: line 3: invalid JSON"),
                          (rows[4], "prompt: 9000 characters is above the limit of 8000 characters"),
                          (rows[5], "constraints.concepts: 40 concepts is above the limit of 32 concepts"),
                          (rows[6], "concepts: List should have at most 64 items"),
-                         (rows[7], "prompt: must be a string, got int")]:
+                         (rows[7], "prompt: must be a string, got int"), (rows[8], "concepts: missing"),
+                         (rows[9], r"constraints.concepts\[0\]: 5000 characters is above the limit of 100 characters")]:
         with pytest.raises(RequestError, match=message):
             check_row(row)
 

@@ -178,3 +178,12 @@ def test_every_decode_setting_is_accepted_over_http_under_one_set_of_limits():
     bad = client.post("/v1/completions", json={**BODY, "cdsl": {"draft_branches": 99}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "cdsl.draft_branches"
     assert "8" in bad.json()["error"]["message"]
+
+
+def test_a_concept_over_the_length_limit_is_a_400_and_the_server_keeps_serving():
+    backend = FakeBackend()
+    client = client_for(backend)
+    bad = client.post("/v1/completions", json={**BODY, "constraints": {"concepts": ["dog", "x" * 5000]}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "constraints.concepts[1]"
+    assert "5000 characters is above the limit of 100" in bad.json()["error"]["message"]
+    assert client.post("/v1/completions", json=BODY).status_code == 200 and len(backend.seen) == 1
