@@ -162,3 +162,38 @@ def test_lookahead_changes_the_choice(pairs):
                                        RewardInput(prompt, steered.text, final=True)])
     assert r_steered >= r_plain
     assert steered.token_ids != plain.token_ids
+
+
+
+@pytest.fixture(scope="module")
+def shipped_pairs(model_dirs) -> dict[str, tuple[LM, LM]]:
+    """The CPU path the defaults ship: float32 models whose linear layers are oneDNN-packed, the
+    draft's in bfloat16 where this CPU runs it (`packed_dtype="auto"` for the project's draft)."""
+    from cdsl.config import ModelConfig
+    from cdsl.models import _bf16_supported
+
+    draft_dtype = "bfloat16" if _bf16_supported() else "float32"
+    return {f: (LM.load(ModelConfig(path=str(model_dirs[f"{f}-target"]), onednn=True, packed_dtype="float32")),
+                LM.load(ModelConfig(path=str(model_dirs[f"{f}-draft"]), onednn=True, packed_dtype=draft_dtype)))
+            for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_lossless_relations_hold_on_the_shipped_packed_path(shipped_pairs, family, prompt):
+    pair = shipped_pairs[family]
+    greedy = run(pair, "greedy", prompt)
+    assert run(pair, "sd", prompt).token_ids == greedy.token_ids
+    assert run(pair, "sd", prompt, draft_branches=1).token_ids == greedy.token_ids
+    assert run(pair, "cdsl", prompt).token_ids == run(pair, "cdlh", prompt).token_ids
+
+
+def test_the_shipped_path_really_runs_packed_layers(shipped_pairs):
+    """Guards the test above: the models run `PackedLinear`, not the float64 `nn.Linear` of the others."""
+    from cdsl.models import PackedLinear, _has_fused_linear
+
+    if not _has_fused_linear():
+        pytest.skip("this torch build has no oneDNN linear ops")
+    for target, draft in shipped_pairs.values():
+        assert any(isinstance(m, PackedLinear) for m in target.model.modules())
+        assert any(isinstance(m, PackedLinear) for m in draft.model.modules())
