@@ -202,7 +202,7 @@ class BatchedReward:
 
     def __init__(self, batcher: Guarded, spec: RewardSpec) -> None:
         self.batcher, self.spec = batcher, spec
-        self.monotone = spec.monotone
+        self.monotone, self.one_sentence = spec.monotone, spec.one_sentence
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
         return self.batcher.run(RewardCall(self.spec, tuple(batch)))

@@ -183,6 +183,11 @@ class RewardSpec(BaseModel):
         """Whether the built reward is monotone (every part but a reward model is)."""
         return self.reward_model is None
 
+    @property
+    def one_sentence(self) -> bool:
+        """Whether the built reward's answer is one sentence (`Coverage.one_sentence`: concepts given)."""
+        return bool(self.concepts)
+
     def build(self, device: str = "cpu") -> Reward:
         """The reward; a reward model is loaded once per process and `device`, whatever the
         other constraints (see `load_reward_model`)."""

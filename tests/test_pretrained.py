@@ -102,7 +102,7 @@ def test_real_pair_loads_and_every_method_writes_english():
     for method in ("greedy", "sd", "cdlh", "cdlh-appx", "cdsl"):
         out = generate(prompt, target, draft, Coverage(concepts), DecodeConfig(method=method, max_new_tokens=32))
         texts[method] = out.text
-        assert out.finish_reason in ("eos", "length")
+        assert out.finish_reason in ("eos", "stop", "length")
         assert sum(w.isalpha() for w in out.text.split()) >= 4, (method, out.text)  # words, not fragments
     assert texts["sd"] == texts["greedy"]  # greedy speculative decoding is lossless
 
