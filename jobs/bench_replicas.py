@@ -16,7 +16,7 @@ import ray
 import typer
 
 from actors.config import PipelineConfig
-from jobs.generate import connect, run_methods
+from jobs.generate import BATCH_SIZE, connect, run_methods, shard_size
 from jobs.rows import plan_input
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -29,13 +29,17 @@ def main(
     config: str = typer.Option(None, help="YAML with a `cdsl:` section (e.g. ray_config.yaml)."),
     method: str = typer.Option(None, help="Method; default: the config's."),
     replicas: str = typer.Option("1,2", help="Pool sizes to compare, comma-separated."),
-    batch_size: int = typer.Option(64, min=1, help="Rows per shard."),
+    batch_size: int = typer.Option(None, min=1, help="Rows per shard; default: as jobs.generate picks for the "
+                                                     "largest pool."),
     limit: int = typer.Option(0, min=0, help="Only the first N rows (0: all)."),
 ) -> None:
     cfg = PipelineConfig.from_yaml(config) if config else PipelineConfig()
     m = method or cfg.decode.method
     sizes = [int(n) for n in replicas.split(",")]
-    plan = plan_input(input, batch_size, limit)
+    plan = plan_input(input, batch_size or BATCH_SIZE, limit)
+    if batch_size is None:
+        batch_size = shard_size(plan.rows, max(sizes), 2)
+        plan = plan_input(input, batch_size, limit)
     connect(cfg, max(sizes))
     rows = []
     try:

@@ -1,7 +1,7 @@
 """The main job: every row of a dataset through a pool of pipeline replicas, on Ray Data.
 
     ray job submit --working-dir . -- python -m jobs.generate --input IN --output OUT_DIR \\
-        [--method cdsl[,cdlh,...]] [--config ray_config.yaml] [--replicas N | MIN,MAX] [--batch-size 64]
+        [--method cdsl[,cdlh,...]] [--config ray_config.yaml] [--replicas N | MIN,MAX] [--batch-size N]
 
 One streaming pass cuts the input into shards of `--batch-size` rows in input order; the driver
 keeps a few integers per shard, never the rows. For each method, Ray Data hands the shards not yet
@@ -48,6 +48,22 @@ def parse_replicas(text: str) -> tuple[int, int]:
     if len(sizes) != 2 or not 1 <= sizes[0] <= sizes[1]:
         raise ValueError(f"--replicas: {text!r} is not N or MIN,MAX with 1 <= MIN <= MAX")
     return sizes[0], sizes[1]
+
+
+BATCH_SIZE = 64
+"""Rows per shard when the input is large enough to give every replica its shards."""
+
+
+def shard_size(rows: int, replicas: int, shards_per_replica: int) -> int:
+    """Rows per shard: BATCH_SIZE, or fewer when the input is small, so that a pool of `replicas`
+    gets `shards_per_replica` shards each instead of one replica taking all of them."""
+    return max(1, min(BATCH_SIZE, -(-rows // (replicas * shards_per_replica))))
+
+
+def _earlier_batch_size(out: Path) -> int | None:
+    """The shard size of the run a rerun resumes, so its shards line up whatever --replicas says."""
+    path = out / "_manifest.json"
+    return json.loads(path.read_text()).get("batch_size") if path.exists() else None
 
 
 def check_manifest(out: Path, manifest: dict) -> None:
@@ -193,8 +209,10 @@ def main(
     target_tp: int = typer.Option(None, help="Override the config's tensor-parallel size."),
     replicas: str = typer.Option("1", help="Pipeline replicas: N, or MIN,MAX for a pool that grows while "
                                            "shards wait. Each replica needs one draft and target_tp target slots."),
-    batch_size: int = typer.Option(64, min=1, help="Rows a replica takes at once (one output shard, the unit of "
-                                                   "resumption)."),
+    batch_size: int = typer.Option(None, min=1, help="Rows a replica takes at once (one output shard, the unit of "
+                                                     f"resumption). Default: {BATCH_SIZE}, or fewer so that every "
+                                                     "replica gets --shards-per-replica shards; a rerun keeps the "
+                                                     "first run's."),
     shards_per_replica: int = typer.Option(2, min=1, help="Shards a replica works on at once, so its batches stay "
                                                           "full while one shard's last rows finish."),
     limit: int = typer.Option(0, min=0, help="Only the first N rows (0: all)."),
@@ -207,15 +225,24 @@ def main(
         methods = [m.strip() for m in (method or cfg.decode.method).split(",") if m.strip()]
         for m in methods:
             DecodeConfig.model_validate(cfg.decode.model_dump() | {"method": m})  # names a bad method
-        plan = plan_input(input, batch_size, limit)
+        size = batch_size or _earlier_batch_size(output)
+        plan = plan_input(input, size or BATCH_SIZE, limit)
+        if size is None and plan.rows:
+            size = shard_size(plan.rows, pool[1], shards_per_replica)
+            if size != BATCH_SIZE:
+                plan = plan_input(input, size, limit)
     except ValidationError as err:
         fail(validation_error(err))
     except (OSError, ValueError) as err:
         fail(str(err))
     if not plan.rows:
         fail(f"input file {input} has no rows")
-    check_manifest(output, {"input": str(input), "rows": plan.rows, "batch_size": batch_size, "methods": methods})
-    typer.echo(f"{plan.rows} rows x {len(methods)} method(s) on {replicas} replica(s) -> {output}", err=True)
+    check_manifest(output, {"input": str(input), "rows": plan.rows, "batch_size": size, "methods": methods})
+    typer.echo(f"{plan.rows} rows in {len(plan.shards)} shard(s) of {size} x {len(methods)} method(s) on {replicas} "
+               f"replica(s) -> {output}", err=True)
+    if len(plan.shards) < pool[0]:
+        typer.echo(f"warning: {len(plan.shards)} shard(s) cannot keep {pool[0]} replicas busy; "
+                   f"use a smaller --batch-size", err=True)
     connect(cfg, pool[1])
     run = uuid.uuid4().hex
     try:

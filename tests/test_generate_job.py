@@ -19,6 +19,7 @@ import yaml
 from cdsl.config import RequestError
 from cdsl.models import Codec
 from cdsl.request import Limits
+from jobs.generate import BATCH_SIZE, shard_size
 from jobs.rows import read_rows, row_input
 
 from .conftest import make_tokenizer
@@ -209,6 +210,30 @@ def test_bad_replicas_option_exits_2(tmp_path):
     for bad in ("0", "3,2", "x", "1,2,3"):
         res = run_job("--input", tmp_path / "in.jsonl", "--output", tmp_path / "out", "--replicas", bad)
         assert res.returncode == 2 and "--replicas" in res.stderr, (bad, res.stderr)
+
+
+def test_shard_size_gives_every_replica_its_shards():
+    assert shard_size(64, 2, 2) == 16  # 64 rows in one shard of 64 would leave one replica idle
+    assert shard_size(10_000, 2, 2) == BATCH_SIZE
+    assert shard_size(3, 4, 2) == 1
+
+
+@pytest.mark.slow
+def test_two_replicas_both_answer_rows_at_the_default_batch_size(tmp_path, model_dirs):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "concepts": ["dog", f"w{i}"]}) + "\n" for i in range(16)))
+    cfg = write_config(tmp_path / "cfg.yaml", model_dirs, max_new_tokens=4)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    res = run_job("--input", src, "--output", tmp_path / "out", "--config", cfg, "--replicas", "2", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = rows_of(tmp_path / "out" / "greedy")
+    assert [r["row"] for r in got] == list(range(16))
+    assert len({r["replica"] for r in got}) == 2, res.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]["greedy"]
+    assert len(summary["replicas_this_run"]) == 2
+    # a rerun with another pool size resumes the same shards instead of refusing the folder
+    again = run_job("--input", src, "--output", tmp_path / "out", "--config", cfg, "--replicas", "1", env=env)
+    assert again.returncode == 0 and "shard(s) of 4" in again.stderr, again.stderr[-3000:]
 
 
 @pytest.mark.slow
