@@ -16,11 +16,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from actors.config import ServerConfig
-from cdsl.config import DecodeConfig, RequestError
+from cdsl.config import DecodeConfig
+from cdsl.constraints import RewardSpec
+from cdsl.errors import RequestError
 from cdsl.methods import Generation
 from cdsl.models import Codec
 from cdsl.request import ChatTurn, Request, RequestInput, validation_error
-from cdsl.rewards import RewardSpec, coverage
+from cdsl.rewards import coverage
 
 
 class ApiError(Exception):

@@ -73,7 +73,7 @@ def tensor_parallel_sizes(model: ModelConfig) -> list[int]:
     key/value head."""
     from transformers import AutoConfig
 
-    from cdsl.models import resolve
+    from cdsl.pretrained import resolve
 
     cfg = AutoConfig.from_pretrained(resolve(model.path, "target"), trust_remote_code=model.trust_remote_code)
     cfg = getattr(cfg, "text_config", cfg)

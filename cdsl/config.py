@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 """Files that ship with the package: the draft's own weights, the harmless score head, sample data."""
@@ -22,15 +22,6 @@ BUILTIN_HARMLESS = "builtin:smollm2-135m-harmless-rm"
 """The default harmlessness reward model: the default target with a fitted score head
 (cdsl/bundled/harmless-rm/README.md)."""
 
-
-
-class RequestError(ValueError):
-    """A request refused at the door; its message is always "<field>: <problem>", the one
-    format every front end shows (the CLI on stderr, HTTP as a 400, a dataset row's `error`)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field, self.problem = field, problem
 
 
 class State(str, Enum):
@@ -63,6 +54,10 @@ DEFAULT_POLICY: dict[State, Action] = {
 }
 
 
+MethodName = Literal["greedy", "sd", "cdlh", "cdlh-appx", "cdsl"]
+"""The decoding methods, named here so the config needs no import of their code."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
@@ -81,7 +76,7 @@ class ModelConfig(_Strict):
     """Allow model code from the hub; off unless you trust the source."""
     onednn: bool = True
     """On a CPU in float32, run the linear layers through oneDNN with weights packed once
-    (`cdsl.models.use_onednn`): forwards over 2-5 new tokens, the shape of every verification
+    (`cdsl.kernels.use_onednn`): forwards over 2-5 new tokens, the shape of every verification
     and k-row search step, cost much less than with MKL. Ignored on other devices and dtypes."""
     packed_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The dtype of those packed weights (activations stay float32). "auto": bfloat16 for the
@@ -93,8 +88,8 @@ class ModelConfig(_Strict):
 class DecodeConfig(_Strict):
     """How one generation is decoded. Defaults are the project's recommended settings."""
 
-    method: str = "cdsl"
-    """One of greedy, sd, cdlh, cdlh-appx, cdsl (`cdsl.methods.METHODS`)."""
+    method: MethodName = "cdsl"
+    """One of greedy, sd, cdlh, cdlh-appx, cdsl (`cdsl.methods.METHODS` holds what each does)."""
     max_new_tokens: int = Field(48, ge=1, le=4096)
     """Most tokens generated after the prompt (EOS ends generation earlier)."""
     k: int = Field(5, ge=1, le=64)
@@ -160,15 +155,6 @@ class DecodeConfig(_Strict):
     is one sentence (CommonGen concepts), else "eos"."""
     policy: dict[State, Action] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     """CDSL state -> action table; states left out keep the default action."""
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, method: str) -> str:
-        from cdsl.methods import METHODS  # the registry imports this module
-
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-        return method
 
     @model_validator(mode="after")
     def _complete_policy(self) -> DecodeConfig:

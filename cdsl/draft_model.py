@@ -44,7 +44,7 @@ class DraftForCausalLM(LlamaForCausalLM):
     def head_ids(self) -> torch.Tensor:
         """`config.head_ids` as a tensor on the head's device (not a buffer: `from_pretrained`
         builds models on the meta device, where a buffer made in `__init__` would be lost)."""
-        device = self.model.embed_tokens.weight.device  # the head's may be packed (cdsl.models.use_onednn)
+        device = self.model.embed_tokens.weight.device  # the head's may be packed (cdsl.kernels.use_onednn)
         if self._head_ids is None or self._head_ids.device != device:
             self._head_ids = torch.tensor(self.config.head_ids, dtype=torch.long, device=device)
         return self._head_ids

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 
+from cdsl.constraints import RewardSpec
 from cdsl.methods import METHODS, Context, Generation, check_inputs
 from cdsl.models import LM, Codec
 from cdsl.request import Request
 from cdsl.reward_model import RewardModel
-from cdsl.rewards import Reward, RewardInput, RewardSpec
+from cdsl.rewards import Reward, RewardInput
 from cdsl.store import CacheLost, SeqStore
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cdsl.config import BUNDLED
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, BUNDLED
 
 CACHE = Path(os.environ.get("CDSL_CACHE", "~/.cache/cdsl")).expanduser()
 """Where converted models live; the environment variable CDSL_CACHE moves it."""
@@ -165,7 +165,7 @@ def assemble_reward_model(backbone: Path, shipped: Path, out: Path) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from cdsl.reward_model import RewardConfig, RewardForSequenceClassification
+    from cdsl.reward_classifier import RewardConfig, RewardForSequenceClassification
 
     head_file = shipped / "head.safetensors"
 
@@ -204,3 +204,28 @@ def default_harmless() -> Path:
     """The default harmless reward model's folder, assembled on first use (and again when the
     shipped head changes)."""
     return assemble_reward_model(default_target(), SHIPPED_HARMLESS, DEFAULT_HARMLESS)
+
+
+BUILTIN = {BUILTIN_TARGET: default_target, BUILTIN_DRAFT: default_draft,
+           BUILTIN_HARMLESS: default_harmless}
+"""Names of the default models -> the function that returns (and on first use makes) its folder."""
+
+
+def resolve(path: str, role: str = "model") -> str:
+    """The folder or hub id `from_pretrained` should read for a configured path; `role` names
+    the config field in errors ("target", "draft")."""
+    try:
+        if path in BUILTIN:
+            return str(BUILTIN[path]())
+        if path.endswith(".gguf"):
+            gguf = Path(path).expanduser()
+            if not gguf.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {path}")
+            return str(convert_gguf(gguf, gguf_cache_folder(gguf)))
+    except (OSError, ValueError) as err:
+        raise type(err)(f"{role}.path: {err}") from err
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"{role}.path: model folder not found: {path} (give a local folder, a hub id, "
+                                f"a .gguf file or one of {sorted(BUILTIN)})")
+    return path

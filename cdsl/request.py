@@ -12,10 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cdsl.config import DecodeConfig, RequestError
+from cdsl.config import DecodeConfig
+from cdsl.constraints import RewardSpec
+from cdsl.errors import RequestError
 from cdsl.methods import check_inputs
 from cdsl.models import Codec
-from cdsl.rewards import RewardSpec
 from cdsl.tasks import chat_prompt, commongen_prompt, harmless_prompt
 
 

@@ -8,9 +8,8 @@ call costs one forward over the candidates' new tokens, batched across requests 
 the same `SeqStore` that runs the decoding models. Scores equal a plain forward's; text still
 crosses the interface (the model re-tokenises prompt + text and reuses the longest cached part).
 
-Importing this module registers `cdsl_reward` with transformers' Auto classes: a Llama sequence
-classifier whose score head has a bias, so the sigmoid of its logit is calibrated (the default
-harmless model's 0.5 is the middle of the hh-rlhf answers it was fitted on).
+Importing this module registers `cdsl_reward` (`cdsl.reward_classifier`) with transformers' Auto
+classes (the default harmless model's 0.5 is the middle of the hh-rlhf answers it was fitted on).
 """
 
 from __future__ import annotations
@@ -25,44 +24,19 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForSequenceClassification,
-    LlamaModel,
 )
 
+import cdsl.reward_classifier  # noqa: F401  registers the default reward model's architecture
+from cdsl.kernels import use_onednn
+from cdsl.pretrained import resolve
 from cdsl.rewards import RewardInput
 from cdsl.store import Run, SeqStore
 
 GROW_ALONE = 8
 """Tokens a prompt's texts share beyond its cache from which one forward caches them first
 (below that each text feeds them itself: cheaper than another forward)."""
-
-
-class RewardConfig(LlamaConfig):
-    model_type = "cdsl_reward"
-
-
-class RewardBody(LlamaModel):
-    config_class = RewardConfig
-
-
-class RewardForSequenceClassification(LlamaForSequenceClassification):
-    """`LlamaForSequenceClassification` with a bias on its score head."""
-
-    config_class = RewardConfig
-
-    def __init__(self, config: RewardConfig) -> None:
-        super().__init__(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
-
-
-AutoConfig.register(RewardConfig.model_type, RewardConfig, exist_ok=True)
-AutoModel.register(RewardConfig, RewardBody, exist_ok=True)  # the classifier builds its body through AutoModel
-AutoModelForSequenceClassification.register(RewardConfig, RewardForSequenceClassification, exist_ok=True)
 
 
 class _HeadAsLM(nn.Module):
@@ -107,7 +81,7 @@ class RewardModel:
     classifier caches prompts (up to `cached_prompts` of them, least recently used dropped);
     others, and texts longer than `max_length` tokens (truncated from the left, so the judged
     text is always seen), get a plain batched forward. `onednn`: on a CPU, the backbone's linear
-    layers run as `cdsl.models.use_onednn` packs them.
+    layers run as `cdsl.kernels.use_onednn` packs them.
     """
 
     monotone = False
@@ -115,8 +89,6 @@ class RewardModel:
     def __init__(self, path: str, label: str | None = None, device: str = "cpu", batch_size: int = 16,
                  max_length: int = 1024, trust_remote_code: bool = False, cached_prompts: int = 32,
                  onednn: bool = True) -> None:
-        from cdsl.models import resolve, use_onednn
-
         folder = resolve(path, "reward_model")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -24,7 +24,8 @@ from transformers import DynamicCache
 
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
 from cdsl.generate import generate, load_pair
-from cdsl.models import LM, parameter_count
+from cdsl.kernels import parameter_count
+from cdsl.models import LM
 from cdsl.tasks import commongen_prompt, read_commongen_jsonl
 
 app = typer.Typer(add_completion=False)

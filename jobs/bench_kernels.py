@@ -1,4 +1,4 @@
-"""What packing the linear layers for oneDNN (`cdsl.models.use_onednn`) buys on this CPU.
+"""What packing the linear layers for oneDNN (`cdsl.kernels.use_onednn`) buys on this CPU.
 
     python -m jobs.bench_kernels
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, DecodeConfig
 from cdsl.generate import load_pair
 from cdsl.methods import METHODS, Context, Generation
-from cdsl.methods.cdsl import headroom, search_on_target, speculate, stake
+from cdsl.methods.cdsl import commit, headroom, propose, search_on_target, stake
 from cdsl.methods.speculative import commit_prefix, draft_and_verify
 from cdsl.models import LM
 from jobs.bench import HARMLESS_DATA, commongen_examples, harmless_examples, load_dataset, load_harmless
@@ -59,21 +60,32 @@ def oracle_cdsl(ctx: Context, changes: set[int]) -> None:
             search_on_target(ctx, stake(ctx, logp, room), logp, room)
             continue
         nxt = next((p for p in ahead if p > pos), None)
-        speculate(ctx, [int(logp.argmax())], 0.0, False, None if nxt is None else nxt - pos - 1)
+        s = propose(ctx, [int(logp.argmax())], 0.0)
+        if nxt is not None:  # the next change is searched, never passed over
+            s = replace(s, passed=min(s.passed, nxt - pos - 1))
+        commit(ctx, s, s.passed)
 
 
-def oracle_sd(ctx: Context, reference: list[int]) -> None:
-    """Speculative decoding whose draft stops before the first token that is not `reference`'s
-    (the target's greedy text, EOS included)."""
+def draft_agrees(prompt: str, target: LM, draft: LM, reward, config: DecodeConfig, reference: list[int]) -> list[bool]:
+    """Per position of `reference` (the target's greedy text), whether the draft's own choice
+    there, after the prompt and the reference before it, is the reference's token: read from
+    one draft call over the reference with the decoding rules in place, as sd would draft it."""
+    ctx = Context(prompt, target, draft, reward, config)
+    try:
+        rows = torch.cat([ctx.draft.next_logits()[None], ctx.draft.step(reference[:-1])]) if reference else None
+    finally:
+        ctx.close()
+    return [] if rows is None else (rows.argmax(-1) == torch.tensor(reference)).tolist()
 
-    def stop(logits: torch.Tensor) -> bool:
-        written = ctx.draft.ids[ctx.n_prompt:]  # emitted + drafted so far; a wrong first token ends it too
-        pos = len(written)
-        return pos >= len(reference) or written != reference[:pos] or int(logits.argmax()) != reference[pos]
 
+def oracle_sd(ctx: Context, agrees: list[bool]) -> None:
+    """Speculative decoding whose draft proposes exactly the tokens it gets right from here (at
+    least one: a round always drafts), so it stops before the first token the target rejects."""
     while not ctx.finished:
         ctx.stats.rounds += 1
-        commit_prefix(ctx, draft_and_verify(ctx, min(ctx.config.draft_len, ctx.budget), stop))
+        pos = len(ctx.out)
+        right = next((i for i, ok in enumerate(agrees[pos:]) if not ok), len(agrees) - pos)
+        commit_prefix(ctx, draft_and_verify(ctx, max(1, min(ctx.config.draft_len, ctx.budget, right))))
 
 
 def timed(prompt: str, target: LM, draft: LM, reward, config: DecodeConfig, oracle=None) -> tuple[Generation, float]:
@@ -114,6 +126,7 @@ def main(
         raise typer.BadParameter("task: use commongen or harmless", param_hint="--task")
     cfg = DecodeConfig()
     sd_cfg = cfg.model_copy(update={"method": "sd", "draft_len": draft_len})
+    oracle_sd_cfg = sd_cfg.model_copy(update={"draft_confidence": 0.0})  # its foresight is the stopping rule
     sd_name, oracle_sd_name = f"sd d={draft_len}", f"oracle sd d={draft_len}"
     names = ("greedy", "cdsl", "oracle cdsl", "cdlh", sd_name, oracle_sd_name)
     totals = {n: {"wall_s": 0.0, "score": 0.0, "ok": 0, "tokens": 0, "target_calls": 0, "drafted": 0,
@@ -130,7 +143,8 @@ def main(
             "oracle cdsl": (cfg, partial(oracle_cdsl, changes=changes)),
             "cdlh": (cfg.model_copy(update={"method": "cdlh"}), None),
             sd_name: (sd_cfg, None),
-            oracle_sd_name: (sd_cfg, partial(oracle_sd, reference=reference)),
+            oracle_sd_name: (oracle_sd_cfg, partial(oracle_sd, agrees=draft_agrees(
+                ex.prompt, target_lm, draft_lm, reward, oracle_sd_cfg, reference))),
         }
         runs = {"greedy": (greedy, t_greedy), "cdsl": (exact, t_exact)}
         for name in rng.sample(list(rest), len(rest)):

@@ -19,10 +19,11 @@ import typer
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
+from cdsl.constraints import RewardSpec
 from cdsl.engine import local_engine
 from cdsl.generate import generate, load_pair
 from cdsl.request import Request
-from cdsl.rewards import RewardSpec, coverage
+from cdsl.rewards import coverage
 from cdsl.tasks import commongen_prompt
 from jobs.bench import load_dataset
 

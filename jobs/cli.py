@@ -11,14 +11,15 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, DecodeConfig, ModelConfig, RequestError
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, DecodeConfig, ModelConfig
+from cdsl.constraints import RewardSpec
+from cdsl.errors import RequestError
 from cdsl.generate import generate as run_generate
 from cdsl.generate import load_pair
 from cdsl.methods import METHODS
 from cdsl.models import Codec
 from cdsl.request import Limits, Request, RequestInput
 from cdsl.request import validation_error as to_request_error
-from cdsl.rewards import RewardSpec
 from cdsl.tasks import parse_concepts
 from jobs.options import decode_options
 

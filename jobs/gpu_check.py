@@ -23,9 +23,9 @@ from pathlib import Path
 import typer
 
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
+from cdsl.constraints import RewardSpec
 from cdsl.generate import generate, load_pair
 from cdsl.request import Request
-from cdsl.rewards import RewardSpec
 from cdsl.tasks import commongen_prompt
 from jobs.bench import commongen_examples, load_samples, run_bench
 

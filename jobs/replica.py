@@ -28,7 +28,7 @@ import ray
 
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
-from cdsl.config import RequestError
+from cdsl.errors import RequestError
 from cdsl.models import Codec
 from jobs.rows import output_row, read_shard, row_input, to_table
 
@@ -36,9 +36,6 @@ MAX_ATTEMPTS = 2
 """Replica deaths a shard may cause before its rows are tried one at a time."""
 REPLICA_GROUP = "cdsl-replica-"
 """Name prefix of a replica's placement group; the job run's id and the actor's follow."""
-CHAOS_ENV = "CDSL_CHAOS_EXIT_ON_CONCEPT"
-"""Fault injection for tests: a replica that meets a row with this concept exits at once, as one
-whose row crashes it would."""
 
 
 def shard_path(out: Path, method: str, index: int) -> Path:
@@ -137,8 +134,6 @@ class Replica:
             request = row_input(row, decode).build(self.codec, self.config.limits, self.config.draft is not None)
         except RequestError as err:
             return self._row(method, row, error=str(err))
-        if os.environ.get(CHAOS_ENV) in request.reward.concepts:
-            os._exit(1)
         return self.pipe.coordinator.generate.remote(request)
 
     def _collect(self, method: str, row: dict, ref) -> dict:

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from cdsl.config import DecodeConfig, RequestError
+from cdsl.config import DecodeConfig
+from cdsl.constraints import RewardSpec
+from cdsl.errors import RequestError
 from cdsl.methods import Generation
 from cdsl.request import RequestInput, validation_error
-from cdsl.rewards import RewardSpec
 from cdsl.tasks import parse_concepts
 
 OUTPUT = pa.schema([("method", pa.string()), ("error", pa.string()), ("text", pa.string()),

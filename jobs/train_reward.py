@@ -30,8 +30,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cdsl.config import BUILTIN_TARGET
-from cdsl.models import resolve
-from cdsl.pretrained import SHIPPED_HARMLESS
+from cdsl.pretrained import SHIPPED_HARMLESS, resolve
 from cdsl.tasks import HELD_OUT, SPLIT_SEED, held_out_split, split_dialogue
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-dev.jsonl"

@@ -13,8 +13,8 @@ from ray.cluster_utils import AutoscalingCluster
 from actors.config import DRAFT_RESOURCE, TARGET_RESOURCE, PipelineConfig
 from actors.pipeline import Pipeline
 from cdsl.config import DecodeConfig, ModelConfig
+from cdsl.constraints import RewardSpec
 from cdsl.request import Request
-from cdsl.rewards import RewardSpec
 
 
 class LocalAutoscalingCluster(AutoscalingCluster):

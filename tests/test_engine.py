@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from cdsl.config import DecodeConfig
+from cdsl.constraints import RewardSpec
 from cdsl.engine import Cancelled, Engine, Quarantined, RewardTable, WorkerLost, local_engine
 from cdsl.generate import generate
 from cdsl.request import Request
-from cdsl.rewards import Coverage, RewardSpec
+from cdsl.rewards import Coverage
 from cdsl.store import Run, SeqStore
 
 from .conftest import FAMILIES

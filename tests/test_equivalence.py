@@ -170,7 +170,7 @@ def shipped_pairs(model_dirs) -> dict[str, tuple[LM, LM]]:
     """The CPU path the defaults ship: float32 models whose linear layers are oneDNN-packed, the
     draft's in bfloat16 where this CPU runs it (`packed_dtype="auto"` for the project's draft)."""
     from cdsl.config import ModelConfig
-    from cdsl.models import _bf16_supported
+    from cdsl.kernels import _bf16_supported
 
     draft_dtype = "bfloat16" if _bf16_supported() else "float32"
     return {f: (LM.load(ModelConfig(path=str(model_dirs[f"{f}-target"]), onednn=True, packed_dtype="float32")),
@@ -190,7 +190,7 @@ def test_lossless_relations_hold_on_the_shipped_packed_path(shipped_pairs, famil
 
 def test_the_shipped_path_really_runs_packed_layers(shipped_pairs):
     """Guards the test above: the models run `PackedLinear`, not the float64 `nn.Linear` of the others."""
-    from cdsl.models import PackedLinear, _has_fused_linear
+    from cdsl.kernels import PackedLinear, _has_fused_linear
 
     if not _has_fused_linear():
         pytest.skip("this torch build has no oneDNN linear ops")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cdsl.config import RequestError
+from cdsl.errors import RequestError
 from cdsl.models import Codec
 from cdsl.request import Limits
 from jobs.generate import BATCH_SIZE, shard_size
@@ -242,8 +242,10 @@ def test_a_row_that_kills_its_replica_is_recorded_and_the_job_finishes(tmp_path,
     concepts = [["dog", "frisbee"], ["child", "river"], ["cook", "poison"], ["cat", "sleep"]] * 2
     src.write_text("".join(json.dumps({"id": f"r{i}", "concepts": c}) + "\n" for i, c in enumerate(concepts)))
     cfg = write_config(tmp_path / "cfg.yaml", model_dirs)
-    env = {**os.environ, "RAY_ADDRESS": "", "CDSL_CHAOS_EXIT_ON_CONCEPT": "poison"}
-    res = run_job("--input", src, "--output", tmp_path / "out", "--config", cfg, "--batch-size", "4", env=env)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    res = subprocess.run([str(BIN / "python"), "-m", "tests.chaos_generate", "poison", "--input", str(src), "--output",
+                          str(tmp_path / "out"), "--config", str(cfg), "--batch-size", "4"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 1, res.stderr  # a row failed, the job did not
     got = rows_of(tmp_path / "out" / "greedy")
     assert [r["row"] for r in got] == list(range(8))

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from cdsl.config import BUILTIN_HARMLESS, DecodeConfig
+from cdsl.constraints import RewardSpec
 from cdsl.generate import generate
 from cdsl.pretrained import SHIPPED_HARMLESS
 from cdsl.reward_model import RewardModel, load_reward_model, pairwise_accuracy
-from cdsl.rewards import Combined, Coverage, RewardInput, RewardSpec
+from cdsl.rewards import Combined, Coverage, RewardInput
 from cdsl.tasks import harmless_prompt, split_dialogue
 from jobs.bench import HARMLESS_DATA
 

@@ -5,7 +5,8 @@ import torch
 
 from cdsl.config import ModelConfig
 from cdsl.draft_model import DraftForCausalLM, draft_from_target
-from cdsl.models import LM, PackedLinear, _bf16_supported, check_same_vocab
+from cdsl.kernels import PackedLinear, _bf16_supported
+from cdsl.models import LM, check_same_vocab
 from jobs.distill_draft import DATA, distill_loss, frequent_tokens
 
 

@@ -3,9 +3,12 @@ beside a checkout belong to `actors/` and `jobs/`."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -39,3 +42,54 @@ def test_gpu_check_fails_loudly_without_a_gpu():
     out = subprocess.run([sys.executable, "-m", "jobs.gpu_check", "--sets", "2"], capture_output=True, text=True,
                          timeout=300, cwd=CDSL.parent)
     assert out.returncode == 1 and "gpu-check: FAILED" in out.stderr and "CUDA" in out.stderr, out.stderr
+
+
+def cdsl_imports() -> dict[str, set[str]]:
+    """Module -> the cdsl modules it imports, at the top or inside a function alike."""
+    graph: dict[str, set[str]] = {}
+    for path in CDSL.rglob("*.py"):
+        parts = path.relative_to(CDSL.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cdsl"):
+                # `from cdsl import pretrained` names a module; `from cdsl.x import y` names x
+                deps.update(f"{node.module}.{a.name}" if node.module == "cdsl" else node.module for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("cdsl."))
+        deps.discard(name)
+    return graph
+
+
+def test_cdsl_imports_read_one_way():
+    """No loop among cdsl's modules, not even one broken by an import inside a function: each
+    module can be read (and imported) knowing only the ones below it."""
+    graph = cdsl_imports()
+    assert {"cdsl.config", "cdsl.models", "cdsl.store", "cdsl.reward_model"} <= set(graph)
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"import loop in cdsl/: {' -> '.join(err.args[1])}")
+    assert order.index("cdsl.config") < order.index("cdsl.methods")
+
+
+def test_the_method_names_are_the_registry():
+    from cdsl.config import MethodName
+    from cdsl.methods import METHODS
+
+    assert list(get_args(MethodName)) == list(METHODS)
+
+
+def test_benchmark_and_fault_hooks_live_outside_the_methods_and_the_replica():
+    """The oracle bench and the crash test reach in from their own modules; the algorithm and
+    the job carry no parameter or environment switch for them."""
+    import inspect
+
+    from cdsl.methods.cdsl import speculate
+    from cdsl.methods.speculative import draft, draft_and_verify
+
+    assert "most" not in inspect.signature(speculate).parameters
+    assert "stop" not in inspect.signature(draft).parameters
+    assert "stop" not in inspect.signature(draft_and_verify).parameters
+    replica = (CDSL.parent / "jobs" / "replica.py").read_text()
+    assert "environ" not in replica and "_exit" not in replica

@@ -160,7 +160,7 @@ def test_out_of_memory_fails_only_the_run_that_cannot_fit(pairs, monkeypatch):
 def test_onednn_packs_cpu_float32_linears_and_keeps_the_logits(model_dirs, family):
     from torch import nn
 
-    from cdsl.models import PackedLinear, parameter_count
+    from cdsl.kernels import PackedLinear, parameter_count
 
     path = str(model_dirs[f"{family}-target"])
     plain = LM.load(ModelConfig(path=path, onednn=False))
@@ -183,7 +183,7 @@ def test_onednn_packs_cpu_float32_linears_and_keeps_the_logits(model_dirs, famil
 def test_bfloat16_packed_weights_round_a_model_but_not_an_sd_output(pairs, model_dirs):
     """`packed_dtype` bfloat16 stores weights in half the bytes: logits move by rounding only,
     and as a draft the model cannot change what SD writes."""
-    from cdsl.models import PackedLinear, _bf16_supported
+    from cdsl.kernels import PackedLinear, _bf16_supported
 
     if not _bf16_supported():
         pytest.skip("oneDNN has no bfloat16 on this CPU")

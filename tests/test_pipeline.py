@@ -11,11 +11,12 @@ import torch
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
 from cdsl.config import DecodeConfig, ModelConfig
+from cdsl.constraints import RewardSpec
 from cdsl.generate import generate
 from cdsl.methods import Generation
 from cdsl.models import LM
 from cdsl.request import Request
-from cdsl.rewards import Coverage, RewardSpec
+from cdsl.rewards import Coverage
 
 pytestmark = pytest.mark.slow  # starts Ray (make test-fast skips it)
 

@@ -9,7 +9,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from cdsl import pretrained
 from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
 from cdsl.generate import generate, load_pair
-from cdsl.models import LM, eos_ids, resolve
+from cdsl.models import LM, eos_ids
+from cdsl.pretrained import resolve
 from cdsl.tasks import commongen_prompt, dialogue_messages, harmless_prompt
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

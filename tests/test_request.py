@@ -11,10 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from actors.config import ServerConfig
-from cdsl.config import DecodeConfig, RequestError
+from cdsl.config import DecodeConfig
+from cdsl.constraints import RewardSpec
+from cdsl.errors import RequestError
 from cdsl.models import Codec
 from cdsl.request import Limits, RequestInput
-from cdsl.rewards import RewardSpec
 from cdsl.stats import Role, Stats
 
 from .conftest import make_tokenizer
@@ -85,7 +86,8 @@ def test_limits_come_from_one_config_section():
 
 
 def test_unknown_method_lists_the_registry():
-    with pytest.raises(ValidationError, match="unknown method 'beam'; use one of greedy, sd, cdlh, cdlh-appx, cdsl"):
+    names = "'greedy', 'sd', 'cdlh', 'cdlh-appx' or 'cdsl'"
+    with pytest.raises(ValidationError, match=f"method\n  Input should be {names}"):
         DecodeConfig(method="beam")
 
 

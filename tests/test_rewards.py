@@ -1,6 +1,7 @@
 import pytest
 
-from cdsl.rewards import Combined, Coverage, Keywords, Regex, Reward, RewardInput, RewardSpec, coverage, covered
+from cdsl.constraints import RewardSpec
+from cdsl.rewards import Combined, Coverage, Keywords, Regex, Reward, RewardInput, coverage, covered
 
 
 @pytest.mark.parametrize("text,concept", [

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cdsl.config import RequestError
+from cdsl.errors import RequestError
 from cdsl.methods.cdsl import cdsl
 from cdsl.methods.context import Context, Generation
 from cdsl.methods.greedy import greedy

@@ -31,6 +31,7 @@ round's last call already computed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -105,21 +106,43 @@ def keep(ctx: Context, target: Rollout, draft: Rollout | None, row: int, tokens:
     ctx.emit(tokens[: rolled + 1])
 
 
-def speculate(ctx: Context, cands: list[int], room: float, all_drafted: bool, most: int | None = None) -> None:
-    """`verified_prefix` / `accept_draft`: speculative decoding from the top candidate; a drafted
-    token passes only where the reward has nothing to decide (and at most `most` of them)."""
+@dataclass
+class Speculation:
+    """The draft's proposal from the top candidate, checked by one target call."""
+
+    tokens: list[int]
+    """The candidate, then the drafted tokens (cut after an end token)."""
+    target_logits: torch.Tensor
+    """[len(tokens) + 1, V] the target's logits before the candidate and after every token."""
+    drafted: Rollout
+    passed: int
+    """Drafted tokens that pass the target's check and leave the reward nothing to decide."""
+
+
+def propose(ctx: Context, cands: list[int], room: float) -> Speculation:
+    """The draft writes up to `draft_len` tokens after the top candidate; one target call checks
+    them. A drafted token passes only where the reward has nothing to decide."""
     drafted = ctx.draft.rollout(cands[:1], max(1, min(ctx.config.draft_len, ctx.budget - 1)), ctx.pick,
                                 ctx.config.draft_confidence)
     tokens = cut(ctx, [cands[0], *drafted.tokens[0].tolist()])
     logits = ctx.target.verify(tokens)  # one row: no forked cache to copy
     n, _ = check(ctx, tokens, logits[1:], drafted.logits[0])
-    n = min(n, settled(ctx, logits[1: len(tokens)], room), len(tokens) if most is None else most)
-    ctx.stats.drafted += len(tokens) - 1
-    ctx.stats.accepted += n
-    kept = len(tokens) - 1 if all_drafted else n
-    ctx.target.truncate(ctx.base + 1 + kept, logits[kept + 1])
-    ctx.draft.adopt(drafted, 0, kept)
-    ctx.emit(tokens[: kept + 1])
+    return Speculation(tokens, logits, drafted, min(n, settled(ctx, logits[1: len(tokens)], room)))
+
+
+def commit(ctx: Context, s: Speculation, kept: int) -> None:
+    """Emit the candidate and `kept` drafted tokens; both models continue there."""
+    ctx.stats.drafted += len(s.tokens) - 1
+    ctx.stats.accepted += s.passed
+    ctx.target.truncate(ctx.base + 1 + kept, s.target_logits[kept + 1])
+    ctx.draft.adopt(s.drafted, 0, kept)
+    ctx.emit(s.tokens[: kept + 1])
+
+
+def speculate(ctx: Context, cands: list[int], room: float, all_drafted: bool) -> None:
+    """`verified_prefix` (keep the passed tokens) / `accept_draft` (keep every drafted token)."""
+    s = propose(ctx, cands, room)
+    commit(ctx, s, len(s.tokens) - 1 if all_drafted else s.passed)
 
 
 def search_on_draft(ctx: Context, cands: list[int], logp: torch.Tensor, room: float) -> None:

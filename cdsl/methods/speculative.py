@@ -4,7 +4,6 @@ verifies them all)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +31,9 @@ class Verified:
         return self.accepted / len(self.tokens)
 
 
-def draft(ctx: Context, d: int, stop: Callable[[torch.Tensor], bool] | None = None) -> tuple[list[int], torch.Tensor]:
+def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
     """The draft rolls out up to d tokens (stopping at EOS, or before a token it gives less
-    than `draft_confidence`); one draft call per token. `stop(logits)`, if given, replaces the
-    confidence rule: whether to end the proposal before the token those logits would give."""
+    than `draft_confidence`); one draft call per token."""
     tokens, logits = [], []
     row = ctx.draft.next_logits()
     while True:
@@ -46,16 +44,14 @@ def draft(ctx: Context, d: int, stop: Callable[[torch.Tensor], bool] | None = No
             ctx.draft.push([tok])  # its logits are not needed unless every token passes
             break
         row = ctx.draft.step([tok])[-1]
-        doubtful = stop(row) if stop is not None else (
-            ctx.config.draft_confidence > 0 and unsure(row, ctx.config.draft_confidence))
-        if doubtful:
+        if ctx.config.draft_confidence > 0 and unsure(row, ctx.config.draft_confidence):
             break
     return tokens, torch.stack(logits)
 
 
-def draft_and_verify(ctx: Context, d: int, stop: Callable[[torch.Tensor], bool] | None = None) -> Verified:
-    """Draft d tokens (see `draft` for `stop`), then one target call scores all of them."""
-    tokens, draft_logits = draft(ctx, d, stop)
+def draft_and_verify(ctx: Context, d: int) -> Verified:
+    """Draft up to d tokens, then one target call scores all of them."""
+    tokens, draft_logits = draft(ctx, d)
     ctx.stats.drafted += len(tokens)
     target_logits = ctx.target.verify(tokens)
     n, nxt = ctx.pick.verify(tokens, draft_logits, target_logits)
