@@ -70,6 +70,6 @@ BENCH_LIMIT ?= 100
 bench: $(STAMP)
 	$(VENV)/bin/cdsl bench --dataset $(BENCH_DATA) --limit $(BENCH_LIMIT) --out runs/bench --readme README.md
 
-# CDSL and sd beside their perfect-foresight bounds (README, "What bounds the speed with this pair").
+# CDSL and sd beside their perfect-foresight bounds (docs/speed-bounds.md).
 bench-oracle: $(STAMP)
 	$(PY) -m jobs.bench_oracle --dataset $(BENCH_DATA) --limit 30 --out runs/oracle/commongen30.json

@@ -102,7 +102,7 @@ class DecodeConfig(_Strict):
     """The draft ends a round's proposal early (after at least one token) before a token it gives
     less than this probability: such a token is likely rejected, and drafting it costs a draft
     call and the target's time to verify it. 0: always `draft_len` tokens. Lossless either way;
-    0.4 was the fastest on CommonGen dev (README, "Defaults and how they were chosen")."""
+    0.4 was the fastest on CommonGen dev (docs/defaults.md)."""
     draft_branches: int = Field(2, ge=1, le=8)
     """`sd` (greedy): where the draft doubts its first token (`branch_below`), it proposes its
     top this-many first tokens, each rolled out, and ONE target call checks every branch; the
@@ -113,12 +113,13 @@ class DecodeConfig(_Strict):
     """`sd`, and `cdsl` where it would speculate, draft only while at most this many other
     requests are in flight in the same engine; beyond that they take the target's own next token,
     which writes the same text (greedy; for `cdsl` with the default policy): the other requests'
-    rows already fill each target forward, so draft calls only add work (README, "Throughput").
+    rows already fill each target forward, so draft calls only add work (docs/ray.md,
+    "Throughput").
     None: always draft."""
     branch_below: float = Field(0.6, ge=0.0, le=1.0)
     """`sd` branches only where the draft gives its best first token less than this probability:
-    where it is surer, its second choice is rarely the target's token (README, "The default
-    pair"). 1: every round (after the first) branches."""
+    where it is surer, its second choice is rarely the target's token (docs/default-pair.md).
+    1: every round (after the first) branches."""
     accept_ratio: float = Field(1.0, ge=0.0, le=1.0)
     """beta: the target accepts a CDSL lookahead token while its probability is at least beta times
     the target's best there (1: its argmax only; 0: anything). Greedy only; sampling uses the

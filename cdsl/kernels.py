@@ -77,7 +77,7 @@ def use_onednn(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     multiply runs 2 or 3 rows as that many passes over the weights; oneDNN's packed weights do
     not, so a forward over 2-5 new tokens (verifying a draft, a k-row search step) costs little
     more than one over a single token, with the same logits to rounding. `python -m
-    jobs.bench_kernels` measures it (the README has the figures). A tied output head gets its own
+    jobs.bench_kernels` measures it (docs/default-pair.md has the figures). A tied output head gets its own
     packed copy (one more head's worth of memory). A model DeepSpeed will split must keep its
     `nn.Linear`s, which AutoTP looks for."""
     if not torch.backends.mkldnn.is_available() or not _has_fused_linear():

@@ -3,7 +3,9 @@ table between the bench markers (`jobs.bench` produces the figures)."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import subprocess
 from pathlib import Path
 
 import torch
@@ -37,7 +39,8 @@ def save_results(folder: Path, examples: list[Example], results: dict[str, dict]
     results = {n: {k: v for k, v in d.items() if k != "texts"} for n, d in results.items()}
     methods = {n: results[n] for n in main}
     report = {"config": {**setup, "n": len(examples),
-                         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"},
+                         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                         "date": datetime.date.today().isoformat(), "commit": commit()},
               "methods": methods, "speedup_vs_cdlh": speedups(methods),
               "wall_vs_greedy": walls_vs(methods), "sweep": {n: d for n, d in results.items() if n not in methods}}
     (folder / "results.json").write_text(json.dumps(report, indent=2))
@@ -86,6 +89,20 @@ def quality_cells(d: dict) -> str:
                        cell("mean_words", ".1f"), cell("bleu4", ".1f"), cell("rouge_l", ".1f")])
 
 
+def commit() -> str:
+    """The checkout's commit, with "+changes" when its tracked files differ from it: the code a
+    figure was measured with ("unknown" outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -97,8 +114,10 @@ def refresh_readme(readme: Path, results: dict) -> None:
     cfg = results["config"]
     settings = ", ".join(f"{k}={cfg[k]}" for k in DecodeConfig.model_fields
                          if k in cfg and k not in ("method", "policy", "temperature", "seed"))
+    when = f" on {cfg['date']} at commit {cfg['commit']}" if "commit" in cfg else ""
     body = (f"{cfg['n']} concept sets of `{cfg['dataset']}`, default pair, {settings}; "
-            f"measured in one run by `make bench`.\n\n{report_table(results)}\n")
+            f"measured in one run by `make bench`{when} ({cfg.get('machine', 'machine not recorded')}).\n\n"
+            f"{report_table(results)}\n")
     head, rest = text.split(START, 1)
     readme.write_text(head + START + "\n" + body + END + rest.split(END, 1)[1])
 

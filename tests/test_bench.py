@@ -56,6 +56,8 @@ def test_bench_end_to_end(model_dirs, tmp_path):
         assert (out / name).stat().st_size > 0
     text = readme.read_text()
     assert "old" not in text and "| cdsl |" in text and "wall vs greedy" in text and text.endswith("rest\n")
+    # the table says which code made it
+    assert f"at commit {results['config']['commit']}" in text
 
 
 def test_bench_bad_input(model_dirs, tmp_path):

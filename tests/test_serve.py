@@ -133,7 +133,7 @@ BAD = [
     ({"prompt": "x", "max_tokens": 100000}, "max_tokens", "256"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ({"prompt": "x", "temperature": 5}, "temperature", "2"),
-    ({"prompt": "x", "cdsl": {"method": "beam"}}, "cdsl.method", "greedy, sd, cdlh"),
+    ({"prompt": "x", "cdsl": {"method": "beam"}}, "cdsl.method", "'greedy', 'sd', 'cdlh'"),
     ({"prompt": "x", "cdsl": {"k": 99}}, "cdsl.k", "16"),
     ({"prompt": "x", "cdsl": {"lookahead": 65}}, "cdsl.lookahead", "16"),
     ({"prompt": "x", "cdsl": {"draft_len": 17}}, "cdsl.draft_len", "16"),
