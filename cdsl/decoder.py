@@ -76,6 +76,9 @@ class Rollout:
     """[k, steps, V]: `logits[:, j]` chose `tokens[:, j]` (so `[:, 0]` follows the candidate)."""
     key: str
     """The forked cache, one row per candidate."""
+    lead: int = 0
+    """1 where `logits[:, 0]` predicts the candidates (`score_rows(lead=True)`): every later
+    index is one further on."""
 
     @property
     def first_logits(self) -> torch.Tensor:
@@ -205,7 +208,7 @@ class Decoder:
             logits = logits[:, len(pending) - 1:]
         else:
             logits = torch.cat([known.expand(len(feed), 1, -1), logits], dim=1)
-        return Rollout(list(candidates), tokens, logits, key)
+        return Rollout(list(candidates), tokens, logits, key, int(lead))
 
     def adopt(self, rollout: Rollout, row: int, keep: int = 0) -> None:
         """Continue from candidate `row` of a rollout and its first `keep` rolled tokens: that
@@ -213,8 +216,8 @@ class Decoder:
         self._moves.append((self.key, rollout.key, row))
         self.ids.append(rollout.candidates[row])
         self.ids.extend(rollout.tokens[row, :keep].tolist())
-        if keep < rollout.logits.shape[1]:
-            self.n_cached, self.logits = len(self.ids), rollout.logits[row, keep]
+        if keep + rollout.lead < rollout.logits.shape[1]:
+            self.n_cached, self.logits = len(self.ids), rollout.logits[row, keep + rollout.lead]
         else:  # a rollout never feeds its last token: it stays pending
             self.n_cached, self.logits = len(self.ids) - 1, None
 

@@ -32,6 +32,8 @@ class Stats:
     """Draft tokens the target verified."""
     other_branches: int = 0
     """Draft tokens of the branches a branched SD round did not keep (`drafted` counts the kept one)."""
+    looked_up: int = 0
+    """Tokens of prompt lookup's proposals the target accepted (in `accepted` too)."""
     rounds: int = 0
     states: dict[str, int] = field(default_factory=lambda: {"S1": 0, "S2": 0, "S3": 0, "S4": 0})
     state_trace: list[str] = field(default_factory=list)

@@ -105,6 +105,33 @@ def test_a_second_branch_is_kept_where_the_first_fails(pairs):
     assert two.stats.rounds < one.stats.rounds
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_prompt_lookup_keeps_greedy_and_cdlh_output(pairs, family, prompt):
+    """Prompt lookup's row beside the draft's (one proposal, or branches) never changes a text."""
+    pair = pairs[family]
+    ref, cdlh = run(pair, "greedy", prompt), run(pair, "cdlh", prompt)
+    for length, shortest, branches in ((4, 1, 1), (8, 2, 2), (3, 1, 3)):
+        cfg = dict(lookup_len=length, lookup_shortest=shortest, draft_branches=branches, branch_below=0.9)
+        assert run(pair, "sd", prompt, **cfg).token_ids == ref.token_ids
+        assert run(pair, "cdsl", prompt, **cfg).token_ids == cdlh.token_ids
+
+
+def test_prompt_lookup_is_kept_where_the_draft_fails(pairs):
+    """Guards the test above: with a draft that is always wrong, only lookup's rows can pass; on
+    a text that repeats itself they do, and fewer target calls write greedy's text."""
+    target, _ = pairs["llama"]
+    draft = LM(SecondBest(target.model), target.tokenizer, "second-best", target.eos_ids)
+    prompt = "one two three four five one two three four five one two three four five one two"
+    ref = run((target, target), "greedy", prompt, no_repeat_ngram=0)
+    cfg = dict(draft_branches=1, draft_len=3, draft_confidence=0.0, no_repeat_ngram=0)
+    plain = run((target, draft), "sd", prompt, **cfg)
+    looked = run((target, draft), "sd", prompt, lookup_len=6, lookup_shortest=1, **cfg)
+    assert plain.token_ids == looked.token_ids == ref.token_ids
+    assert plain.stats.accepted == 0 < looked.stats.looked_up
+    assert looked.stats.target_calls < plain.stats.target_calls
+
+
 class Busy(LocalRunner):
     """A runner whose batches `others` other generations share."""
 
@@ -186,6 +213,8 @@ def test_lossless_relations_hold_on_the_shipped_packed_path(shipped_pairs, famil
     assert run(pair, "sd", prompt).token_ids == greedy.token_ids
     assert run(pair, "sd", prompt, draft_branches=1).token_ids == greedy.token_ids
     assert run(pair, "cdsl", prompt).token_ids == run(pair, "cdlh", prompt).token_ids
+    assert run(pair, "sd", prompt, lookup_len=6, lookup_shortest=1).token_ids == greedy.token_ids
+    assert run(pair, "cdsl", prompt, lookup_len=6, lookup_shortest=1).token_ids == run(pair, "cdlh", prompt).token_ids
 
 
 def test_the_shipped_path_really_runs_packed_layers(shipped_pairs):

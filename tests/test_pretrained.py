@@ -108,6 +108,25 @@ def test_real_pair_loads_and_every_method_writes_english():
     assert texts["sd"] == texts["greedy"]  # greedy speculative decoding is lossless
 
 
+@pytest.mark.slow
+@pytest.mark.real_pair
+def test_prompt_lookup_copies_a_quoted_sentence_in_fewer_target_calls():
+    """Where the answer copies the prompt, lookup's rows pass where the draft's do not: the same
+    text as greedy in a fraction of the target calls."""
+    from cdsl.tasks import chat_prompt
+
+    target, draft = load_pair(ModelConfig(path=BUILTIN_TARGET), ModelConfig(path=BUILTIN_DRAFT))
+    prompt = chat_prompt([{"role": "user", "content": "Repeat this sentence exactly: The old lighthouse keeper "
+                           "polished the brass lamp every evening before the storm rolled in."}], target.tokenizer)
+    greedy = generate(prompt, target, None, None, DecodeConfig(method="greedy", max_new_tokens=24))
+    plain = generate(prompt, target, draft, None, DecodeConfig(method="sd", max_new_tokens=24))
+    looked = generate(prompt, target, draft, None, DecodeConfig(method="sd", max_new_tokens=24, lookup_len=8))
+    assert "lighthouse keeper polished the brass lamp" in greedy.text
+    assert looked.token_ids == plain.token_ids == greedy.token_ids
+    assert looked.stats.looked_up >= 8
+    assert 2 * looked.stats.target_calls <= plain.stats.target_calls
+
+
 def test_a_tensor_parallel_size_that_cannot_split_the_target_is_refused(tmp_path):
     from transformers import LlamaConfig
 

@@ -166,7 +166,8 @@ def test_every_decode_setting_is_accepted_over_http_under_one_set_of_limits():
     changed = {"method": "sd", "k": 3, "lookahead": 2, "draft_len": 3, "draft_confidence": 0.2, "draft_branches": 3,
                "draft_max_others": None, "branch_below": 0.5, "accept_ratio": 0.5, "gain_share": 0.5,
                "reward_range": 0.5, "tau_accept": 0.4, "tau_reward": 0.9, "reward_weight": 2.0,
-               "no_repeat_ngram": 2, "stop": "eos", "policy": {"S2": "verified_prefix"}}
+               "no_repeat_ngram": 2, "stop": "eos", "policy": {"S2": "verified_prefix"},
+               "lookup_len": 4, "lookup_ngram": 2, "lookup_shortest": 1}
     assert set(changed) == set(DecodeConfig.model_fields) - {"max_new_tokens", "temperature", "seed"}
     backend = FakeBackend()
     client = client_for(backend)

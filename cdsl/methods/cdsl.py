@@ -39,7 +39,7 @@ from cdsl.config import Action, State
 from cdsl.decoder import Rollout
 from cdsl.methods.context import Context
 from cdsl.methods.greedy import take
-from cdsl.methods.speculative import crowded, cut
+from cdsl.methods.speculative import crowded, cut, looked_up, novel
 
 
 def classify(a: float, r: float, tau_a: float, tau_r: float) -> State:
@@ -108,40 +108,66 @@ def keep(ctx: Context, target: Rollout, draft: Rollout | None, row: int, tokens:
 
 @dataclass
 class Speculation:
-    """The draft's proposal from the top candidate, checked by one target call."""
+    """The top candidate's proposals (the draft's; prompt lookup's where it adds one), checked by
+    one target call; the one that passes furthest is kept."""
 
     tokens: list[int]
-    """The candidate, then the drafted tokens (cut after an end token)."""
+    """The candidate, then the kept proposal's tokens (cut after an end token)."""
     target_logits: torch.Tensor
     """[len(tokens) + 1, V] the target's logits before the candidate and after every token."""
     drafted: Rollout
     passed: int
-    """Drafted tokens that pass the target's check and leave the reward nothing to decide."""
+    """Proposed tokens that pass the target's check and leave the reward nothing to decide."""
+    checked: Rollout | None = None
+    """The target's forked cache where two proposals were checked (row 1 is prompt lookup's)."""
+    row: int = 0
 
 
-def propose(ctx: Context, cands: list[int], room: float) -> Speculation:
-    """The draft writes up to `draft_len` tokens after the top candidate; one target call checks
-    them. A drafted token passes only where the reward has nothing to decide."""
+def propose(ctx: Context, cands: list[int], room: float, lookup: bool = True) -> Speculation:
+    """The draft writes up to `draft_len` tokens after the top candidate, prompt lookup proposes
+    its own, and one target call checks them. A token passes only where the reward has nothing
+    to decide. `lookup` False: the draft's proposal only."""
     drafted = ctx.draft.rollout(cands[:1], max(1, min(ctx.config.draft_len, ctx.budget - 1)), ctx.pick,
                                 ctx.config.draft_confidence)
     tokens = cut(ctx, [cands[0], *drafted.tokens[0].tolist()])
-    logits = ctx.target.verify(tokens)  # one row: no forked cache to copy
-    n, _ = check(ctx, tokens, logits[1:], drafted.logits[0])
-    return Speculation(tokens, logits, drafted, min(n, settled(ctx, logits[1: len(tokens)], room)))
+    looked = [cands[0], *(looked_up(ctx, cands[:1]) if lookup else [])]
+    if len(looked) == 1 or not novel([tokens], looked):
+        logits = ctx.target.verify(tokens)  # one row: no forked cache to copy
+        n, _ = check(ctx, tokens, logits[1:], drafted.logits[0])
+        return Speculation(tokens, logits, drafted, min(n, settled(ctx, logits[1: len(tokens)], room)))
+    rows = [tokens, cut(ctx, looked)]
+    width = max(map(len, rows))
+    rest = torch.tensor([row[1:] + row[-1:] * (width - len(row)) for row in rows], dtype=torch.long)
+    checked = ctx.target.score_rows(cands[:1] * 2, rest, lead=True)
+    passed = []
+    for i, row in enumerate(rows):
+        logits = checked.logits[i, : len(row) + 1]
+        n, _ = check(ctx, row, logits[1:], drafted.logits[0])
+        passed.append(min(n, settled(ctx, logits[1: len(row)], room)))
+    best = int(passed[1] > passed[0])
+    return Speculation(rows[best], checked.logits[best, : len(rows[best]) + 1], drafted, passed[best], checked, best)
 
 
 def commit(ctx: Context, s: Speculation, kept: int) -> None:
-    """Emit the candidate and `kept` drafted tokens; both models continue there."""
+    """Emit the candidate and `kept` proposed tokens; both models continue there."""
     ctx.stats.drafted += len(s.tokens) - 1
     ctx.stats.accepted += s.passed
-    ctx.target.truncate(ctx.base + 1 + kept, s.target_logits[kept + 1])
-    ctx.draft.adopt(s.drafted, 0, kept)
+    if s.checked is None:
+        ctx.target.truncate(ctx.base + 1 + kept, s.target_logits[kept + 1])
+    else:
+        ctx.target.adopt(s.checked, s.row, kept)
+    ours = s.drafted.tokens[0].tolist()
+    same = next((i for i, (a, b) in enumerate(zip(ours, s.tokens[1: kept + 1])) if a != b), min(len(ours), kept))
+    ctx.draft.adopt(s.drafted, 0, same)
+    ctx.draft.push(s.tokens[1 + same: kept + 1])
+    if s.row:
+        ctx.stats.looked_up += s.passed
     ctx.emit(s.tokens[: kept + 1])
 
 
 def speculate(ctx: Context, cands: list[int], room: float, all_drafted: bool) -> None:
     """`verified_prefix` (keep the passed tokens) / `accept_draft` (keep every drafted token)."""
-    s = propose(ctx, cands, room)
+    s = propose(ctx, cands, room, lookup=not all_drafted)  # unchecked tokens kept: the draft's only
     commit(ctx, s, len(s.tokens) - 1 if all_drafted else s.passed)
 
 

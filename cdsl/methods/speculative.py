@@ -1,6 +1,6 @@
 """`sd`: speculative decoding (draft d tokens, one target call verifies them; where the draft
-doubts its first token, its top few first tokens are drafted as branches and the same one call
-verifies them all)."""
+doubts its first token, its top few first tokens are drafted as branches, and prompt lookup's
+proposal is one more row: the same one call verifies them all)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cdsl.decoder import unsure
+from cdsl.decoder import Rollout, unsure
 from cdsl.methods.context import Context
 from cdsl.methods.greedy import target_step
+from cdsl.methods.ngram import lookup
 
 
 @dataclass
@@ -51,7 +52,11 @@ def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
 
 def draft_and_verify(ctx: Context, d: int) -> Verified:
     """Draft up to d tokens, then one target call scores all of them."""
-    tokens, draft_logits = draft(ctx, d)
+    return verify_line(ctx, *draft(ctx, d))
+
+
+def verify_line(ctx: Context, tokens: list[int], draft_logits: torch.Tensor) -> Verified:
+    """One target call scores the drafted `tokens` (the draft's own cache holds them)."""
     ctx.stats.drafted += len(tokens)
     target_logits = ctx.target.verify(tokens)
     n, nxt = ctx.pick.verify(tokens, draft_logits, target_logits)
@@ -97,29 +102,86 @@ def branches(ctx: Context, d: int) -> list[int]:
     return top.indices.tolist() if float(top.values[0]) < cfg.branch_below else []
 
 
-def branched_round(ctx: Context, d: int, cands: list[int]) -> None:
-    """Greedy SD over several first tokens, each rolled out by the draft (one batched draft call
-    per token) and all checked by ONE target call: on a memory-bound model a forward over a few
-    rows of a few tokens costs about what one row does. The row the target accepts furthest is
-    kept, so the output is still greedy decoding's."""
-    drafted = ctx.draft.rollout(cands, d - 1, ctx.pick, ctx.config.draft_confidence, least=0)
-    checked = ctx.target.score_rows(cands, drafted.tokens, lead=True)
-    rows = [cut(ctx, [c, *row]) for c, row in zip(cands, drafted.tokens.tolist())]
+def looked_up(ctx: Context, after: list[int] = ()) -> list[int]:
+    """Prompt lookup's proposal after the text so far and `after` (cut after an end token); []
+    where it finds none, or where its row would not be free: sampling, the first call (a
+    prefill of its own), or other requests' rows filling the batch."""
+    cfg = ctx.config
+    if not cfg.lookup_len or not cfg.greedy or not ctx.target.n_cached or ctx.target.others:
+        return []
+    room = min(cfg.lookup_len, ctx.budget - len(after))
+    found = lookup(ctx.target.ids + list(after), cfg.lookup_ngram, room, cfg.lookup_shortest) if room > 0 else []
+    return cut(ctx, found)
+
+
+def novel(rows: list[list[int]], row: list[int]) -> bool:
+    """Whether `row` proposes anything that no row of `rows` already starts with."""
+    return bool(row) and not any(other[: len(row)] == row for other in rows)
+
+
+def verify_rows(ctx: Context, rows: list[list[int]]) -> tuple[Rollout, int, int, int]:
+    """ONE target call over every row (padded to one width; a pad is only ever accepted where it
+    is the target's own token): the cache, the row accepted furthest (the earliest on a tie),
+    how far, and the target's token after that."""
+    width = max(map(len, rows))
+    padded = [row + row[-1:] * (width - len(row)) for row in rows]
+    rest = torch.tensor([row[1:] for row in padded], dtype=torch.long).reshape(len(rows), width - 1)
+    checked = ctx.target.score_rows([row[0] for row in padded], rest, lead=True)
     hits = [matched(row, checked.logits[i]) for i, row in enumerate(rows)]
     best = max(range(len(rows)), key=lambda i: (hits[i], -i))
-    n, nxt = hits[best], int(checked.logits[best, hits[best]].argmax())
+    n = hits[best]
     ctx.stats.drafted += len(rows[best])
     ctx.stats.accepted += n
     ctx.stats.other_branches += sum(map(len, rows)) - len(rows[best])
     if n:
         ctx.target.adopt(checked, best, n - 1)
-        ctx.draft.adopt(drafted, best, n - 1)
-    else:  # no branch starts right: the target's own token follows the prefix
+    else:  # no row starts right: the target's own token follows the prefix
         ctx.target.adopt_prefix(checked, checked.logits[0, 0])
-        ctx.draft.discard(drafted)
+    return checked, best, n, int(checked.logits[best, n].argmax())
+
+
+def finish_round(ctx: Context, kept: list[int], nxt: int) -> None:
+    """Both models continue after the kept tokens and the target's own next one."""
     ctx.target.push([nxt])
     ctx.draft.push([nxt])
-    ctx.emit(rows[best][:n] + [nxt])
+    ctx.emit(kept + [nxt])
+
+
+def branched_round(ctx: Context, d: int, cands: list[int], looked: list[int] = ()) -> None:
+    """Greedy SD over several first tokens, each rolled out by the draft (one batched draft call
+    per token), and prompt lookup's row, all checked by ONE target call: on a memory-bound model
+    a forward over a few rows of a few tokens costs about what one row does. The row the target
+    accepts furthest is kept, so the output is still greedy decoding's."""
+    drafted = ctx.draft.rollout(cands, d - 1, ctx.pick, ctx.config.draft_confidence, least=0)
+    rows = [cut(ctx, [c, *row]) for c, row in zip(cands, drafted.tokens.tolist())]
+    if novel(rows, list(looked)):
+        rows.append(list(looked))
+    _, best, n, nxt = verify_rows(ctx, rows)
+    if n and best < len(cands):
+        ctx.draft.adopt(drafted, best, n - 1)
+    else:
+        ctx.draft.discard(drafted)
+        ctx.draft.push(rows[best][:n])
+    if best == len(cands):
+        ctx.stats.looked_up += n
+    finish_round(ctx, rows[best][:n], nxt)
+
+
+def lined_round(ctx: Context, d: int, looked: list[int]) -> None:
+    """The draft's one proposal and prompt lookup's, checked by one target call (one row, no
+    forked cache, where lookup adds nothing)."""
+    tokens, draft_logits = draft(ctx, d)
+    if not novel([tokens], looked):
+        commit_prefix(ctx, verify_line(ctx, tokens, draft_logits))
+        return
+    _, best, n, nxt = verify_rows(ctx, [tokens, looked])
+    kept = [tokens, looked][best][:n]
+    same = next((i for i, (a, b) in enumerate(zip(tokens, kept)) if a != b), min(len(tokens), n))
+    ctx.draft.truncate(ctx.base + same, draft_logits[same] if same < len(tokens) else None)
+    ctx.draft.push(kept[same:])
+    if best == 1:
+        ctx.stats.looked_up += n
+    finish_round(ctx, kept, nxt)
 
 
 def crowded(ctx: Context) -> bool:
@@ -136,8 +198,10 @@ def sd(ctx: Context) -> None:
             continue
         ctx.stats.rounds += 1
         d = min(ctx.config.draft_len, ctx.budget)
-        cands = branches(ctx, d)
+        cands, looked = branches(ctx, d), looked_up(ctx)
         if cands:
-            branched_round(ctx, d, cands)
+            branched_round(ctx, d, cands, looked)
+        elif looked:
+            lined_round(ctx, d, looked)
         else:
             commit_prefix(ctx, draft_and_verify(ctx, d))
