@@ -201,6 +201,7 @@ def bench(
     limit: int = typer.Option(0, help="Use only the first N examples (0: all)."),
     out: str = typer.Option("runs/bench", help="Folder for results.json, report.md and plots."),
     sweep: str = typer.Option(None, help='CDSL grid, e.g. "gain_share=1,0.5;accept_ratio=1,0.3;draft_len=3,5".'),
+    sweep_methods: str = typer.Option("cdsl", help='Comma-separated methods the --sweep grid runs, e.g. "sd,cdsl".'),
     warmup: int = typer.Option(2, help="Concept sets run first and not counted."),
     readme: str = typer.Option(None, help="Also refresh the table between the bench markers of this file."),
     target: str = TARGET,
@@ -232,8 +233,9 @@ def bench(
             fail("--methods is empty")
         runs = {m: DecodeConfig(**{**base.model_dump(), "method": m}) for m in names}
         grid = parse_sweep(sweep) if sweep else []
-        sweep_runs = {"cdsl " + " ".join(f"{k_}={v}" for k_, v in g.items()):
-                      DecodeConfig(**{**base.model_dump(), **g, "method": "cdsl"}) for g in grid}
+        swept = [m.strip() for m in sweep_methods.split(",") if m.strip()]
+        sweep_runs = {f"{m} " + " ".join(f"{k_}={v}" for k_, v in g.items()):
+                      DecodeConfig(**{**base.model_dump(), **g, "method": m}) for m in swept for g in grid}
         harmless_path = str(HARMLESS_DATA) if dataset == "builtin" else dataset
         sets = (load_rows(dataset, limit) if task == "commongen"
                 else load_harmless(harmless_path, limit, held_out=held_out))

@@ -37,7 +37,8 @@ def test_bench_end_to_end(model_dirs, tmp_path):
     res = runner.invoke(app, ["bench", "--dataset", "builtin", "--limit", "2", "--warmup", "1", "--out", str(out),
                               "--target", str(model_dirs["llama-target"]), "--draft", str(model_dirs["llama-draft"]),
                               "--max-new-tokens", "8", "--k", "2", "--lookahead", "2",
-                              "--sweep", "tau_accept=0.5,1", "--readme", str(readme)])
+                              "--sweep", "tau_accept=0.5,1", "--sweep-methods", "sd,cdsl",
+                              "--readme", str(readme)])
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"greedy", "sd", "cdlh", "cdlh-appx", "cdsl"}
@@ -46,7 +47,8 @@ def test_bench_end_to_end(model_dirs, tmp_path):
                     "coverage_all", "coverage_mean", "perplexity", "states"):
             assert key in d
         assert 0 <= d["coverage_all"] <= d["coverage_mean"] + 1e-9 <= 1 + 1e-9 and d["perplexity"] > 1
-    assert results["speedup_vs_cdlh"]["cdlh"] == 1.0 and len(results["sweep"]) == 2
+    assert results["speedup_vs_cdlh"]["cdlh"] == 1.0 and len(results["sweep"]) == 4
+    assert {"sd tau_accept=0.5", "cdsl tau_accept=1.0"} <= set(results["sweep"])
     walls = {name: d["wall_s"] for name, d in results["methods"].items()}
     assert results["wall_vs_greedy"]["greedy"] == 1.0
     assert results["wall_vs_greedy"]["cdlh"] == pytest.approx(walls["cdlh"] / walls["greedy"])
@@ -65,3 +67,5 @@ def test_bench_bad_input(model_dirs, tmp_path):
     assert res.exit_code == 2 and "method" in res.output
     res = runner.invoke(app, ["bench", "--dataset", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "dataset not found" in res.output
+    res = runner.invoke(app, ["bench", "--sweep", "draft_len=2", "--sweep-methods", "beam", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "method" in res.output
