@@ -210,7 +210,8 @@ class Coordinator:
         timeout = config.call_timeout_s
         draft = ActorExecutor(self.draft, call_timeout_s=timeout) if self.draft else None
         self.engine = Engine(codec, self.target, draft, ActorExecutor(self.reward, call_timeout_s=timeout),
-                             config.window_ms / 1000, config.max_retries, config.max_tokens_held)
+                             config.window_ms / 1000, config.max_retries, config.max_tokens_held,
+                             overlap=config.overlap and self.draft is not None)
 
     def workers(self) -> list:
         return [*self.target.ranks, *([self.draft] if self.draft else []), self.reward]

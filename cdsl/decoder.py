@@ -9,6 +9,8 @@ they travel with the next one.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,8 +25,16 @@ from cdsl.store import Run, SeqStore
 class Runner(Protocol):
     """Where a decoder's forwards go."""
 
+    overlaps: bool
+    """Whether a `submit`ted call runs while its caller goes on (a worker of its own), so work
+    on the other model can hide behind it."""
+
     def run(self, call: Run) -> torch.Tensor:
         """Logits of one `Run` ([rows, T, V], or [rows, V] when `last_only`)."""
+        ...
+
+    def submit(self, call: Run) -> Future:
+        """`run`, answered by the returned future."""
         ...
 
     def release(self, key: str) -> None:
@@ -39,6 +49,8 @@ class Runner(Protocol):
 class LocalRunner:
     """Runs each call at once on a store in this process."""
 
+    overlaps = False
+
     def __init__(self, store: SeqStore) -> None:
         self.store = store
 
@@ -47,6 +59,14 @@ class LocalRunner:
         if isinstance(out, Exception):
             raise out
         return out
+
+    def submit(self, call: Run) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(self.run(call))
+        except Exception as err:
+            fut.set_exception(err)
+        return fut
 
     def release(self, key: str) -> None:
         self.store.release(key)
@@ -86,6 +106,50 @@ class Rollout:
         return self.logits[:, 0]
 
 
+class Answer:
+    """A call in flight; `result()` waits for its logits (masked by the decoder's rule) and
+    counts the call."""
+
+    def __init__(self, decoder: Decoder, future: Future, before: list[list[int]], tokens: list[list[int]],
+                 last_only: bool) -> None:
+        self.decoder, self.future, self.before, self.tokens = decoder, future, before, tokens
+        self.last_only, self.start = last_only, time.perf_counter()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self) -> torch.Tensor:
+        dec = self.decoder
+        try:
+            logits = self.future.result()
+        finally:
+            dec.stats.count_call(dec.role, time.perf_counter() - self.start)
+        if dec.rule is None:
+            return logits
+        if self.last_only:
+            return dec.rule.mask(logits[:, None], self.before, self.tokens)[:, 0]
+        return dec.rule.mask(logits, self.before, self.tokens)
+
+
+class Verifying:
+    """A decoder's `verify` in flight: calling it waits for the logits and brings the decoder
+    up to date."""
+
+    def __init__(self, decoder: Decoder, answer: Answer, known: torch.Tensor | None, new: int) -> None:
+        self.decoder, self.answer, self.known, self.new = decoder, answer, known, new
+
+    def done(self) -> bool:
+        return self.answer.done()
+
+    def __call__(self) -> torch.Tensor:
+        rows = self.answer.result()[0]
+        dec = self.decoder
+        dec.n_cached, dec.logits = len(dec.ids), rows[-1]
+        if self.known is not None:
+            rows = torch.cat([self.known[None], rows])
+        return rows[-(self.new + 1):]
+
+
 class Decoder:
     """One sequence on one model: token ids, a cache over a prefix of them, call accounting."""
 
@@ -104,16 +168,19 @@ class Decoder:
     def _run(self, key: str, tokens: list[list[int]], keep: int, fork: str | None = None,
              last_only: bool = False, before: list[list[int]] | None = None) -> torch.Tensor:
         """One call feeding `tokens[i]` in row i after `before[i]` (default: the first `keep` ids)."""
+        return self._submit(key, tokens, keep, fork, last_only, before).result()
+
+    def _submit(self, key: str, tokens: list[list[int]], keep: int, fork: str | None = None,
+                last_only: bool = False, before: list[list[int]] | None = None) -> Answer:
         call = Run(key, tokens, keep, self._moves, fork, last_only)
         self._moves = []
-        with self.stats.model_call(self.role):
-            logits = self.runner.run(call)
-        if self.rule is None:
-            return logits
-        before = before if before is not None else [self.ids[:keep]] * len(tokens)
-        if last_only:
-            return self.rule.mask(logits[:, None], before, tokens)[:, 0]
-        return self.rule.mask(logits, before, tokens)
+        before = before if before is not None or self.rule is None else [self.ids[:keep]] * len(tokens)
+        return Answer(self, self.runner.submit(call), before, tokens, last_only)
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether a call of this decoder runs while its caller works on the other model."""
+        return getattr(self.runner, "overlaps", False)
 
     def push(self, tokens: list[int]) -> None:
         """Append tokens whose logits nobody needs yet: they stay pending, and the next call
@@ -136,11 +203,14 @@ class Decoder:
 
     def verify(self, new: list[int]) -> torch.Tensor:
         """Append `new`; logits [len(new) + 1, V] predicting each new token and the one after."""
+        return self.verify_later(new)()
+
+    def verify_later(self, new: list[int]) -> Verifying:
+        """`verify`, issued now and answered when the result is called; meanwhile the caller may
+        work on the other model, but not on this decoder."""
         known = self.logits if self.n_cached == len(self.ids) else None
-        rows = self.step(new)
-        if known is not None:
-            rows = torch.cat([known[None], rows])
-        return rows[-(len(new) + 1):]
+        self.ids.extend(new)
+        return Verifying(self, self._submit(self.key, [self.ids[self.n_cached:]], self.n_cached), known, len(new))
 
     def next_logits(self) -> torch.Tensor:
         """Logits [V] for the token after `ids`."""

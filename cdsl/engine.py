@@ -100,15 +100,20 @@ class Batcher:
 
     def run(self, call: Any, alone: bool = False) -> Any:
         """The executor's answer to `call`, batched with others' (`alone`: in a batch of its own)."""
+        return self.submit(call, alone).result()
+
+    def submit(self, call: Any, alone: bool = False) -> Future:
+        """`run`, answered by the returned future."""
         fut: Future = Future()
         with self._lock:
             self.pending += 1
+        fut.add_done_callback(self._answered)
         self._queue.put((call, fut, alone))
-        try:
-            return fut.result()
-        finally:
-            with self._lock:
-                self.pending -= 1
+        return fut
+
+    def _answered(self, _: Future) -> None:
+        with self._lock:
+            self.pending -= 1
 
     def release(self, key: str) -> None:
         with self._lock:
@@ -184,15 +189,20 @@ class Guarded:
     alone."""
 
     def __init__(self, batcher: Batcher, cancelled: threading.Event, suspect: threading.Event,
-                 others: Callable[[], int] = lambda: 0) -> None:
+                 others: Callable[[], int] = lambda: 0, overlaps: bool = False) -> None:
         self.batcher, self.cancelled, self.suspect = batcher, cancelled, suspect
         self.others = others
         """Other requests in flight, whose calls share this batcher's batches."""
+        self.overlaps = overlaps
+        """Whether the method may keep working while a submitted call runs (`Engine.overlap`)."""
 
     def run(self, call: Any) -> Any:
+        return self.submit(call).result()
+
+    def submit(self, call: Any) -> Future:
         if self.cancelled.is_set():
             raise Cancelled("request cancelled")
-        return self.batcher.run(call, alone=self.suspect.is_set())
+        return self.batcher.submit(call, alone=self.suspect.is_set())
 
     def release(self, key: str) -> None:
         self.batcher.release(key)
@@ -221,11 +231,13 @@ class Engine:
 
     def __init__(self, codec: Codec, target: Executor, draft: Executor | None = None,
                  reward: Executor | None = None, window_s: float = 0.002, max_retries: int = 3,
-                 max_tokens_held: int | None = None) -> None:
+                 max_tokens_held: int | None = None, overlap: bool = False) -> None:
         """`max_tokens_held`: most KV-cache tokens the requests in flight may reserve together
         (see `cache_tokens`); a request waits until its share fits, one that could never fit is
-        refused. None: no bound."""
+        refused. None: no bound. `overlap`: a request running alone drafts its next round while
+        the target verifies this one (worth it where target and draft are separate workers)."""
         self.codec, self.max_retries, self.max_tokens_held = codec, max_retries, max_tokens_held
+        self.overlap = overlap
         self.active = 0
         self.tokens_held = self.peak_tokens_held = 0
         self._room = threading.Condition()
@@ -271,7 +283,7 @@ class Engine:
         config = request.config
         check_inputs(config.method, "draft" in self.phases, request.reward is not None)
         stop, suspect = threading.Event(), threading.Event()
-        phases = {name: Guarded(b, stop, suspect, self._others) for name, b in self.phases.items()}
+        phases = {name: Guarded(b, stop, suspect, self._others, self.overlap) for name, b in self.phases.items()}
         reward = BatchedReward(phases["reward"], request.reward) if request.reward else None
         with self._lock:
             self._live.setdefault(request.id, []).append(stop)
@@ -396,6 +408,7 @@ class Engine:
             b.close()
 
 
-def local_engine(target: LM, draft: LM | None = None, window_s: float = 0.002) -> Engine:
+def local_engine(target: LM, draft: LM | None = None, window_s: float = 0.002, overlap: bool = False) -> Engine:
     """An engine whose executors are stores in this process over `target` and `draft`."""
-    return Engine(target, SeqStore(target), SeqStore(draft) if draft is not None else None, RewardTable(), window_s)
+    return Engine(target, SeqStore(target), SeqStore(draft) if draft is not None else None, RewardTable(), window_s,
+                  overlap=overlap)

@@ -35,6 +35,10 @@ class Stats:
     looked_up: int = 0
     """Tokens of prompt lookup's proposals the target accepted (in `accepted` too)."""
     rounds: int = 0
+    ahead_rounds: int = 0
+    """Rounds whose proposal the draft wrote while the target verified the round before (overlap)."""
+    ahead_dropped: int = 0
+    """Draft tokens written ahead and dropped: the target did not keep the whole round before them."""
     states: dict[str, int] = field(default_factory=lambda: {"S1": 0, "S2": 0, "S3": 0, "S4": 0})
     state_trace: list[str] = field(default_factory=list)
     """The state of every CDSL round, in order."""
@@ -62,13 +66,16 @@ class Stats:
         try:
             yield
         finally:
-            spent = time.perf_counter() - start
-            if role is Role.target:
-                self.target_calls += 1
-                self.time_target += spent
-            else:
-                self.draft_calls += 1
-                self.time_draft += spent
+            self.count_call(role, time.perf_counter() - start)
+
+    def count_call(self, role: Role, seconds: float) -> None:
+        """Count one forward pass of `role`'s model that took `seconds` from issue to answer."""
+        if role is Role.target:
+            self.target_calls += 1
+            self.time_target += seconds
+        else:
+            self.draft_calls += 1
+            self.time_draft += seconds
 
     @contextmanager
     def reward_call(self, texts: int) -> Iterator[None]:

@@ -32,6 +32,8 @@ SAMPLES = BUNDLED / "samples.jsonl"
 
 HARMLESS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-dev.jsonl"
 """The hh-rlhf pairs beside a checkout of this project (absent on a user's machine)."""
+COMMONGEN_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "commongen" / "dev.jsonl"
+"""CommonGen dev beside a checkout of this project (absent on a user's machine)."""
 SWEEPABLE = {name: f.annotation for name, f in DecodeConfig.model_fields.items() if f.annotation in (int, float)}
 """The numeric `DecodeConfig` fields a `--sweep` grid may vary, with their types."""
 

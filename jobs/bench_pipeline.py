@@ -1,11 +1,17 @@
 """Throughput of the Ray pipeline against the in-process library, measured side by side.
 
     python -m jobs.bench_pipeline --requests 64 --method cdsl [--dataset ../shared/data/commongen/dev.jsonl]
+    python -m jobs.bench_pipeline --single --limit 12 --out runs/overlap.json
 
 Three runs over the same requests, each after a warm-up: the library one request at a time
 (`cdsl.generate`), the in-process engine stepping all requests at once (`cdsl.engine`), and the
 Ray pipeline (workers + coordinator, started before the clock). Prints tokens/s, the ratios the
 issue asks for, and per-phase utilisation; writes them as JSON.
+
+`--single`: one request at a time through two Ray pipelines started side by side, one serial
+(`overlap` off) and one overlapped, each worker on one CPU; requests alternate between them so
+both see the same machine. Writes `serial_s` and `overlapped_s` (method -> seconds) and
+`same_text` (whether every text matched).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 from pathlib import Path
 
 import typer
+from tqdm import tqdm
 
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
@@ -22,10 +29,12 @@ from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
 from cdsl.constraints import RewardSpec
 from cdsl.engine import local_engine
 from cdsl.generate import generate, load_pair
+from cdsl.models import Codec
 from cdsl.request import Request
 from cdsl.rewards import coverage
+from cdsl.stats import Stats
 from cdsl.tasks import commongen_prompt
-from jobs.bench import load_dataset
+from jobs.bench import COMMONGEN_DEV, load_dataset
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -37,16 +46,74 @@ def _figures(outs, reqs, seconds: float) -> dict:
             "mean_coverage": sum(cov) / len(cov)}
 
 
+def single(sets: list[list[str]], methods: list[str], target: str, draft: str, out: Path) -> dict:
+    """Serial against overlapped pipeline, one request at a time (see the module's doc)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # two model workers per pipeline
+    models = dict(target=ModelConfig(path=target), draft=ModelConfig(path=draft), cpus_per_worker=1.0)
+    pipes = {mode: Pipeline(PipelineConfig(**models, overlap=mode == "overlapped"))
+             for mode in ("serial", "overlapped")}
+    codec = Codec.load(ModelConfig(path=target), "target")
+    results: dict = {"sets": len(sets), "serial_s": {}, "overlapped_s": {}, "texts_differ": {}, "stats": {}}
+    try:
+        for method in methods:
+            reqs = [Request(commongen_prompt(c, codec.tokenizer), DecodeConfig(method=method), RewardSpec(concepts=c))
+                    for c in sets]
+            for pipe in pipes.values():  # warm-up
+                pipe.generate(reqs[0])
+            seconds, texts = {m: 0.0 for m in pipes}, {m: [] for m in pipes}
+            totals = {m: Stats() for m in pipes}
+            for req in tqdm(reqs, desc=method, unit="set"):
+                for mode, pipe in pipes.items():
+                    start = time.perf_counter()
+                    gen = pipe.generate(req)
+                    seconds[mode] += time.perf_counter() - start
+                    texts[mode].append(gen.text)
+                    totals[mode].add(gen.stats)
+            results["serial_s"][method], results["overlapped_s"][method] = seconds["serial"], seconds["overlapped"]
+            results["texts_differ"][method] = sum(a != b for a, b in zip(texts["serial"], texts["overlapped"]))
+            results["stats"][method] = {m: {k: v for k, v in st.to_dict().items() if k != "state_trace"}
+                                        for m, st in totals.items()}
+            typer.echo(f"{method}: serial {seconds['serial']:.1f} s, overlapped {seconds['overlapped']:.1f} s "
+                       f"({seconds['overlapped'] / seconds['serial']:.2f}x), "
+                       f"{results['texts_differ'][method]} texts differ", err=True)
+        results["workers"] = {mode: pipe.placement() for mode, pipe in pipes.items()}
+    finally:
+        for pipe in pipes.values():
+            pipe.shutdown()
+        ray.shutdown()
+    results["same_text"] = not any(results["texts_differ"].values())
+    results["ratio"] = {m: results["overlapped_s"][m] / results["serial_s"][m] for m in methods}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    typer.echo("| method | serial s | overlapped s | ratio |\n|---|---|---|---|")
+    for m in methods:
+        serial, overlapped = results["serial_s"][m], results["overlapped_s"][m]
+        typer.echo(f"| {m} | {serial:.1f} | {overlapped:.1f} | {results['ratio'][m]:.2f}x |")
+    typer.echo(f"same text: {results['same_text']}; figures written to {out}")
+    return results
+
+
 @app.command()
 def main(
     requests: int = typer.Option(64, help="Concurrent requests (CommonGen concept sets)."),
     method: str = typer.Option("cdsl", help="Decoding method for every request."),
-    dataset: str = typer.Option("builtin", help="builtin (bundled samples), or a CommonGen/Parquet/JSONL file."),
+    dataset: str = typer.Option("", help="builtin (bundled samples), or a CommonGen/Parquet/JSONL file "
+                                "(default: builtin; with --single, CommonGen dev where it is beside the checkout)."),
     target: str = typer.Option(BUILTIN_TARGET),
     draft: str = typer.Option(BUILTIN_DRAFT),
     target_tp: int = typer.Option(1, help="Tensor-parallel size of the Ray target group."),
     out: Path = typer.Option(Path("runs/bench_pipeline.json"), help="Where the figures go (JSON)."),
+    one: bool = typer.Option(False, "--single", help="One request at a time: serial against overlapped pipeline."),
+    limit: int = typer.Option(12, min=1, help="--single: concept sets to run."),
+    methods: str = typer.Option("sd,cdsl", help="--single: comma-separated methods."),
 ) -> None:
+    if one:
+        dataset = dataset or (str(COMMONGEN_DEV) if COMMONGEN_DEV.exists() else "builtin")
+        single(load_dataset(dataset, limit), [m.strip() for m in methods.split(",") if m.strip()], target, draft, out)
+        return
+    dataset = dataset or "builtin"
     sets = load_dataset(dataset, requests)
     sets = [sets[i % len(sets)] for i in range(requests)]
     target_lm, draft_lm = load_pair(ModelConfig(path=target), ModelConfig(path=draft))

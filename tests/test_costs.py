@@ -184,7 +184,7 @@ def test_sd_leaves_both_caches_consistent(pairs, confidence):
 
     from cdsl.decoder import Decoder
     from cdsl.methods.context import Context
-    from cdsl.methods.speculative import sd
+    from cdsl.methods.sd import sd
     from cdsl.stats import Stats
 
     target, draft = pairs["llama"]

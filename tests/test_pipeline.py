@@ -179,3 +179,38 @@ def test_a_hung_worker_call_times_out_and_the_worker_is_restarted(local_ray, tmp
     with pytest.raises(GetTimeoutError):  # what makes the target group rebuild instead of waiting forever
         _wait_all(refs, timeout_s=1)
     ray.cancel(refs[0], force=True)
+
+
+def test_a_lone_sd_request_drafts_ahead_on_the_draft_worker_and_survives_its_loss(local_ray, model_dirs, pairs):
+    """Overlap on (the default): with the target's own weights as the draft every round is kept
+    whole, so the draft worker drafts rounds while the target worker verifies; killing the draft
+    worker mid-request resumes it. The text is greedy's, and the serial pipeline's."""
+    target_dir = str(model_dirs["llama-target"])
+    cfg = PipelineConfig(target=ModelConfig(path=target_dir, dtype="float64"),
+                         draft=ModelConfig(path=target_dir, dtype="float64"), cpus_per_worker=1)
+    target = pairs["llama"][0]
+    req = Request("Concepts: dog, frisbee, catch, throw\nSentence:",
+                  DecodeConfig(method="sd", max_new_tokens=40, draft_confidence=0.0, branch_below=0.0))
+    want = generate(req.prompt, target, None, None, DecodeConfig(method="greedy", max_new_tokens=40)).token_ids
+    serial = Pipeline(cfg.model_copy(update={"overlap": False}))
+    try:
+        plain = serial.generate(req)
+    finally:
+        serial.shutdown()
+    pipe = Pipeline(cfg)
+    try:
+        first = pipe.generate(req)
+        draft = ray.get(pipe.coordinator.actor_handles.remote())["draft"]
+        ref = pipe.coordinator.generate.remote(req)
+        start = ray.get(draft.where.remote())["batches"]
+        deadline = time.monotonic() + 60
+        while ray.get(draft.where.remote())["batches"] < start + 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ray.kill(draft, no_restart=False)
+        again = ray.get(ref)
+        use = pipe.utilisation()
+    finally:
+        pipe.shutdown()
+    assert plain.token_ids == first.token_ids == again.token_ids == want
+    assert plain.stats.ahead_rounds == 0 and first.stats.ahead_rounds >= 2
+    assert use["retries"] == 1

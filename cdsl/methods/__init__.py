@@ -11,7 +11,7 @@ from cdsl.methods.cdsl import cdsl
 from cdsl.methods.context import Context, Generation
 from cdsl.methods.greedy import greedy
 from cdsl.methods.lookahead import cdlh, cdlh_appx
-from cdsl.methods.speculative import sd
+from cdsl.methods.sd import sd
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,13 @@ proposal is one more row: the same one call verifies them all)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from cdsl.decoder import Rollout, unsure
 from cdsl.methods.context import Context
-from cdsl.methods.greedy import target_step
 from cdsl.methods.ngram import lookup
 
 
@@ -36,18 +36,30 @@ def draft(ctx: Context, d: int) -> tuple[list[int], torch.Tensor]:
     """The draft rolls out up to d tokens (stopping at EOS, or before a token it gives less
     than `draft_confidence`); one draft call per token."""
     tokens, logits = [], []
+    draft_more(ctx, d, tokens, logits)
+    return tokens, torch.stack(logits)
+
+
+def draft_more(ctx: Context, d: int, tokens: list[int], logits: list[torch.Tensor],
+               go_on: Callable[[], bool] = lambda: True) -> bool:
+    """Extend the proposal `tokens` (the rows that chose them in `logits`) in place, as `draft`
+    writes it; before each draft call, stop if `go_on()` is false. True when the proposal is
+    complete, False when `go_on` cut it (calling again resumes it)."""
     row = ctx.draft.next_logits()
+    confidence = ctx.config.draft_confidence
     while True:
+        if tokens and confidence > 0 and unsure(row, confidence):
+            return True
         tok = ctx.pick.one(row)
         tokens.append(tok)
         logits.append(row)
         if tok in ctx.ends or len(tokens) == d:
             ctx.draft.push([tok])  # its logits are not needed unless every token passes
-            break
+            return True
+        if not go_on():
+            ctx.draft.push([tok])
+            return False
         row = ctx.draft.step([tok])[-1]
-        if ctx.config.draft_confidence > 0 and unsure(row, ctx.config.draft_confidence):
-            break
-    return tokens, torch.stack(logits)
 
 
 def draft_and_verify(ctx: Context, d: int) -> Verified:
@@ -189,19 +201,3 @@ def crowded(ctx: Context) -> bool:
     rows fill each forward, so drafting would only add work."""
     most = ctx.config.draft_max_others
     return most is not None and ctx.target.others > most
-
-
-def sd(ctx: Context) -> None:
-    while not ctx.finished:
-        if crowded(ctx):
-            target_step(ctx)
-            continue
-        ctx.stats.rounds += 1
-        d = min(ctx.config.draft_len, ctx.budget)
-        cands, looked = branches(ctx, d), looked_up(ctx)
-        if cands:
-            branched_round(ctx, d, cands, looked)
-        elif looked:
-            lined_round(ctx, d, looked)
-        else:
-            commit_prefix(ctx, draft_and_verify(ctx, d))
