@@ -27,9 +27,9 @@ from cdsl.generate import generate, load_pair
 from cdsl.kernels import parameter_count
 from cdsl.models import LM
 from cdsl.tasks import commongen_prompt, read_commongen_jsonl
+from jobs.bench import COMMONGEN_DEV
 
 app = typer.Typer(add_completion=False)
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "commongen" / "dev.jsonl"
 
 
 @torch.inference_mode()
@@ -66,7 +66,7 @@ def agreement(target: LM, draft: LM, prompt: str, answer: list[int]) -> tuple[in
 def main(
     target: str = typer.Option(BUILTIN_TARGET, help="Target model."),
     draft: str = typer.Option(BUILTIN_DRAFT, help="Draft model."),
-    dataset: Path = typer.Option(DEV, help="CommonGen jsonl (dev: the project's defaults are chosen there)."),
+    dataset: Path = typer.Option(COMMONGEN_DEV, help="CommonGen jsonl (dev: the project's defaults are chosen there)."),
     limit: int = typer.Option(50, min=1, help="Concept sets for the SD and agreement figures."),
     draft_len: int = typer.Option(4, min=1, help="d of speculative decoding."),
     confidence: str = typer.Option(f"{DecodeConfig().draft_confidence},0",

@@ -33,10 +33,9 @@ from cdsl.methods import METHODS, Context, Generation
 from cdsl.methods.cdsl import commit, headroom, propose, search_on_target, stake
 from cdsl.methods.speculative import commit_prefix, draft_and_verify
 from cdsl.models import LM
-from jobs.bench import HARMLESS_DATA, commongen_examples, harmless_examples, load_dataset, load_harmless
+from jobs.bench import COMMONGEN_DEV, HARMLESS_DATA, commongen_examples, harmless_examples, load_dataset, load_harmless
 
 app = typer.Typer(add_completion=False)
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "commongen" / "dev.jsonl"
 
 
 @torch.inference_mode()
@@ -116,7 +115,7 @@ def main(
     torch.set_num_threads(threads)
     target_lm, draft_lm = load_pair(target, draft)
     if task == "commongen":
-        examples = commongen_examples(load_dataset(dataset or str(DEV), limit + warmup), target_lm.tokenizer)
+        examples = commongen_examples(load_dataset(dataset or str(COMMONGEN_DEV), limit + warmup), target_lm.tokenizer)
     elif task == "harmless":
         from cdsl.reward_model import RewardModel
 

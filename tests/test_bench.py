@@ -69,3 +69,24 @@ def test_bench_bad_input(model_dirs, tmp_path):
     assert res.exit_code == 2 and "dataset not found" in res.output
     res = runner.invoke(app, ["bench", "--sweep", "draft_len=2", "--sweep-methods", "beam", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "method" in res.output
+
+
+@pytest.mark.slow
+def test_bench_pipeline_single_times_serial_against_overlapped(model_dirs, tmp_path):
+    """`python -m jobs.bench_pipeline --single`: two real Ray pipelines, one request at a time;
+    the JSON has each method's seconds both ways and whether every text matched."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "overlap.json"
+    cmd = [sys.executable, "-m", "jobs.bench_pipeline", "--single", "--limit", "2", "--methods", "sd,greedy",
+           "--dataset", "builtin", "--target", str(model_dirs["llama-target"]),
+           "--draft", str(model_dirs["llama-target"]), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert set(got["serial_s"]) == set(got["overlapped_s"]) == {"sd", "greedy"}
+    assert all(s > 0 for s in [*got["serial_s"].values(), *got["overlapped_s"].values()])
+    assert got["same_text"] is True and got["texts_differ"] == {"sd": 0, "greedy": 0}
+    assert got["stats"]["sd"]["serial"]["ahead_rounds"] == 0
+    assert "| sd |" in done.stdout

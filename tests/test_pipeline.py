@@ -182,12 +182,12 @@ def test_a_hung_worker_call_times_out_and_the_worker_is_restarted(local_ray, tmp
 
 
 def test_a_lone_sd_request_drafts_ahead_on_the_draft_worker_and_survives_its_loss(local_ray, model_dirs, pairs):
-    """Overlap on (the default): with the target's own weights as the draft every round is kept
+    """Overlap on: with the target's own weights as the draft every round is kept
     whole, so the draft worker drafts rounds while the target worker verifies; killing the draft
     worker mid-request resumes it. The text is greedy's, and the serial pipeline's."""
     target_dir = str(model_dirs["llama-target"])
     cfg = PipelineConfig(target=ModelConfig(path=target_dir, dtype="float64"),
-                         draft=ModelConfig(path=target_dir, dtype="float64"), cpus_per_worker=1)
+                         draft=ModelConfig(path=target_dir, dtype="float64"), cpus_per_worker=1, overlap=True)
     target = pairs["llama"][0]
     req = Request("Concepts: dog, frisbee, catch, throw\nSentence:",
                   DecodeConfig(method="sd", max_new_tokens=40, draft_confidence=0.0, branch_below=0.0))
