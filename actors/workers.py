@@ -14,8 +14,8 @@ import ray
 import torch
 
 from cdsl.config import ModelConfig
-from cdsl.engine import RewardTable
 from cdsl.models import LM
+from cdsl.reward_table import RewardTable
 from cdsl.store import Run, SeqStore
 
 

@@ -15,16 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Protocol
 
 from cdsl.constraints import RewardSpec
 from cdsl.methods import METHODS, Context, Generation, check_inputs
 from cdsl.models import LM, Codec
 from cdsl.request import Request
-from cdsl.reward_model import RewardModel
-from cdsl.rewards import Reward, RewardInput
+from cdsl.reward_table import RewardCall, RewardTable
+from cdsl.rewards import RewardInput
 from cdsl.store import CacheLost, SeqStore
 
 
@@ -46,40 +44,6 @@ class Executor(Protocol):
     def execute(self, calls: list[Any], released: list[str]) -> list[Any]:
         """Free the `released` keys, then answer `calls` in order, as one batch."""
         ...
-
-
-@dataclass(frozen=True)
-class RewardCall:
-    spec: RewardSpec
-    items: tuple[RewardInput, ...]
-
-
-@lru_cache(maxsize=1024)
-def _built(spec_json: str, device: str) -> Reward:
-    return RewardSpec.model_validate_json(spec_json).build(device)
-
-
-class RewardTable:
-    """Scores reward calls of many requests, building each request's reward once. Calls whose
-    reward is the same reward model (one per path, label and device) are scored in one batch."""
-
-    def __init__(self, device: str = "cpu") -> None:
-        self.device = device
-
-    def execute(self, calls: list[RewardCall], released: list[str]) -> list[list[float]]:
-        rewards = [_built(call.spec.model_dump_json(), self.device) for call in calls]
-        out: list = [None] * len(calls)
-        shared: dict[int, list[int]] = {}
-        for i, (call, reward) in enumerate(zip(calls, rewards)):
-            if isinstance(reward, RewardModel):
-                shared.setdefault(id(reward), []).append(i)
-            else:
-                out[i] = reward.score(call.items)
-        for group in shared.values():
-            scores = rewards[group[0]].score([item for i in group for item in calls[i].items])
-            for i in group:
-                out[i], scores = scores[: len(calls[i].items)], scores[len(calls[i].items):]
-        return out
 
 
 class Batcher:

@@ -118,6 +118,14 @@ def test_float64_tensor_parallel_refused_by_name(model_dirs):
         config(model_dirs, target_tp=2)
 
 
+def kill_after(actor, batches: int, timeout_s: float = 60.0) -> None:
+    """Kill `actor` (Ray restarts it) once it has run `batches` batches."""
+    deadline = time.monotonic() + timeout_s
+    while ray.get(actor.where.remote())["batches"] < batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ray.kill(actor, no_restart=False)
+
+
 @pytest.mark.parametrize("victim", ["draft", "target"])
 def test_killed_worker_is_restarted_and_requests_resume(local_ray, model_dirs, pairs, victim):
     reqs = [r for r in requests(15, max_new_tokens=40) if r.config.method in ("sd", "cdsl", "cdlh-appx")]
@@ -126,10 +134,7 @@ def test_killed_worker_is_restarted_and_requests_resume(local_ray, model_dirs, p
         handles = ray.get(pipe.coordinator.actor_handles.remote())
         actor = handles[victim][0] if victim == "target" else handles[victim]
         refs = [pipe.coordinator.generate.remote(r) for r in reqs]
-        deadline = time.monotonic() + 60
-        while ray.get(actor.where.remote())["batches"] < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ray.kill(actor, no_restart=False)
+        kill_after(actor, 3)
         outs = ray.get(refs)
         use = pipe.utilisation()
     finally:
@@ -202,11 +207,7 @@ def test_a_lone_sd_request_drafts_ahead_on_the_draft_worker_and_survives_its_los
         first = pipe.generate(req)
         draft = ray.get(pipe.coordinator.actor_handles.remote())["draft"]
         ref = pipe.coordinator.generate.remote(req)
-        start = ray.get(draft.where.remote())["batches"]
-        deadline = time.monotonic() + 60
-        while ray.get(draft.where.remote())["batches"] < start + 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        ray.kill(draft, no_restart=False)
+        kill_after(draft, ray.get(draft.where.remote())["batches"] + 4)
         again = ray.get(ref)
         use = pipe.utilisation()
     finally:
