@@ -111,9 +111,9 @@ class Answer:
     counts the call."""
 
     def __init__(self, decoder: Decoder, future: Future, before: list[list[int]], tokens: list[list[int]],
-                 last_only: bool) -> None:
+                 last_only: bool, start: float) -> None:
         self.decoder, self.future, self.before, self.tokens = decoder, future, before, tokens
-        self.last_only, self.start = last_only, time.perf_counter()
+        self.last_only, self.start = last_only, start
 
     def done(self) -> bool:
         return self.future.done()
@@ -175,7 +175,8 @@ class Decoder:
         call = Run(key, tokens, keep, self._moves, fork, last_only)
         self._moves = []
         before = before if before is not None or self.rule is None else [self.ids[:keep]] * len(tokens)
-        return Answer(self, self.runner.submit(call), before, tokens, last_only)
+        start = time.perf_counter()  # before submit: an in-process runner answers inside it
+        return Answer(self, self.runner.submit(call), before, tokens, last_only, start)
 
     @property
     def overlaps(self) -> bool:

@@ -1,5 +1,7 @@
 """Forward-call counts follow each method's cost formula; CDSL with draft == target."""
 
+import time
+
 import pytest
 
 from cdsl.config import DecodeConfig
@@ -98,6 +100,23 @@ def test_stats_time_split(pairs):
     for key in ("target_calls", "draft_calls", "reward_calls", "tokens", "drafted", "accepted", "states",
                 "time_draft", "time_target", "time_reward", "time_other"):
         assert key in d
+
+
+def test_stats_time_split_counts_every_forward(pairs, monkeypatch):
+    """Each target forward made 5 ms slower: the target's time holds at least 5 ms per call
+    (an in-process call is answered inside its submit, and must still be timed)."""
+    target, draft = pairs["llama"]
+    forward = target.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(target.model, "forward", slow)
+    for method in ("greedy", "sd"):
+        s = run(target, draft, method).stats
+        assert s.time_target >= 0.005 * s.target_calls > 0
+        assert s.time_target + s.time_draft <= s.time_total
 
 
 def test_sampling_is_seeded(pairs):
