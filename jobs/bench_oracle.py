@@ -2,6 +2,7 @@
 
     python -m jobs.bench_oracle --limit 30                        # CommonGen dev
     python -m jobs.bench_oracle --task harmless --limit 9         # held-out hh-rlhf dialogues
+    python -m jobs.bench_oracle --limit 30 --lookup-len 6         # and with prompt lookup's rows
 
 Two bounds, each measured side by side with the real methods, interleaved per example:
 - **oracle cdsl**: knows in advance where exact CDSL's target searches change the choice (the
@@ -12,6 +13,8 @@ Two bounds, each measured side by side with the real methods, interleaved per ex
 - **oracle sd**: speculative decoding whose draft ends each proposal exactly before its first
   token the target rejects (a perfect `draft_confidence`). It writes greedy's text (checked), so
   its wall time bounds every stopping rule for this draft.
+With `--lookup-len N`, cdsl, oracle cdsl and sd also run with prompt lookup's proposals (one more
+row in each verification, docs/proposers.md) beside the runs without: does the bound move?
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ def main(
     draft: str = typer.Option(BUILTIN_DRAFT),
     threads: int = typer.Option(2, min=1),
     out: Path = typer.Option(None, help="Also write the totals and per-example records to this JSON file."),
+    lookup_len: int = typer.Option(0, min=0, help="Also run cdsl, oracle cdsl and sd with prompt lookup "
+                                   "proposing up to this many tokens (0: not)."),
 ) -> None:
     """Print wall time, speed vs CDLH and greedy, and quality of the methods and their oracles."""
     torch.set_num_threads(threads)
@@ -127,7 +132,10 @@ def main(
     sd_cfg = cfg.model_copy(update={"method": "sd", "draft_len": draft_len})
     oracle_sd_cfg = sd_cfg.model_copy(update={"draft_confidence": 0.0})  # its foresight is the stopping rule
     sd_name, oracle_sd_name = f"sd d={draft_len}", f"oracle sd d={draft_len}"
-    names = ("greedy", "cdsl", "oracle cdsl", "cdlh", sd_name, oracle_sd_name)
+    looked = {"lookup_len": lookup_len}
+    with_lookup = ({f"{name}, lookup {lookup_len}": name for name in ("cdsl", "oracle cdsl", sd_name)}
+                   if lookup_len else {})
+    names = ("greedy", "cdsl", "oracle cdsl", "cdlh", sd_name, oracle_sd_name, *with_lookup)
     totals = {n: {"wall_s": 0.0, "score": 0.0, "ok": 0, "tokens": 0, "target_calls": 0, "drafted": 0,
                   "accepted": 0, "rounds": 0} for n in names}
     records, same = [], {"oracle cdsl": 0, oracle_sd_name: 0}
@@ -145,12 +153,17 @@ def main(
             oracle_sd_name: (oracle_sd_cfg, partial(oracle_sd, agrees=draft_agrees(
                 ex.prompt, target_lm, draft_lm, reward, oracle_sd_cfg, reference))),
         }
+        for name, plain in with_lookup.items():
+            config, oracle = rest.get(plain, (cfg, None))
+            rest[name] = (config.model_copy(update=looked), oracle)
         runs = {"greedy": (greedy, t_greedy), "cdsl": (exact, t_exact)}
         for name in rng.sample(list(rest), len(rest)):
             runs[name] = timed(ex.prompt, target_lm, draft_lm, reward, *rest[name])
         if i < warmup:
             continue
         same["oracle cdsl"] += runs["oracle cdsl"][0].text == exact.text
+        for name in with_lookup:  # lookup rows are checked by the target: the same texts
+            same[name] = same.get(name, 0) + (runs[name][0].text == (greedy if name.startswith("sd") else exact).text)
         same[oracle_sd_name] += runs[oracle_sd_name][0].text == greedy.text
         for name, (gen, wall) in runs.items():
             t = totals[name]
@@ -164,7 +177,9 @@ def main(
     ok = "reward >= 0.5" if task == "harmless" else "all concepts"
     mean = "mean reward" if task == "harmless" else "mean coverage"
     typer.echo(f"\n{n} examples ({task}), {threads} threads, one run; oracle cdsl wrote cdsl's text in "
-               f"{same['oracle cdsl']}/{n}, oracle sd wrote greedy's in {same[oracle_sd_name]}/{n}\n")
+               f"{same['oracle cdsl']}/{n}, oracle sd wrote greedy's in {same[oracle_sd_name]}/{n}"
+               + "".join(f"; {name} wrote {'greedy' if name.startswith('sd') else 'cdsl'}'s in {same[name]}/{n}"
+                         for name in with_lookup) + "\n")
     typer.echo(f"| run | {ok} | {mean} | wall s | speedup vs CDLH | wall vs greedy | target calls/token | acceptance |")
     typer.echo("|---|---|---|---|---|---|---|---|")
     for name, t in totals.items():

@@ -32,3 +32,19 @@ def test_unknown_task(model_dirs):
     res = runner.invoke(app, ["--task", "poetry", "--target", str(model_dirs["llama-target"]),
                               "--draft", str(model_dirs["llama-draft"])])
     assert res.exit_code == 2 and "task" in res.output
+
+def test_lookup_runs_beside_the_oracles_and_keep_their_texts(model_dirs, tmp_path):
+    """`--lookup-len`: cdsl, oracle cdsl and sd also run with prompt lookup's rows, and the
+    target's check keeps their texts (exact CDSL's, greedy's)."""
+    data = tmp_path / "dev.jsonl"
+    data.write_text('{"concept_set": "cat_N#sofa_N"}\n{"concept_set": "dog_N#run_V#park_N"}\n')
+    out = tmp_path / "oracle.json"
+    res = runner.invoke(app, ["--dataset", str(data), "--limit", "1", "--warmup", "1", "--threads", "1",
+                              "--target", str(model_dirs["llama-target"]), "--draft", str(model_dirs["llama-draft"]),
+                              "--lookup-len", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    found = json.loads(out.read_text())
+    names = ("cdsl, lookup 3", "oracle cdsl, lookup 3", "sd d=4, lookup 3")
+    assert all(found["same_text"][name] == 1 for name in names)
+    assert all(found["totals"][name]["tokens"] > 0 for name in names)
+    assert "| oracle cdsl, lookup 3 |" in res.output
