@@ -118,6 +118,15 @@ def test_float64_tensor_parallel_refused_by_name(model_dirs):
         config(model_dirs, target_tp=2)
 
 
+def drained(pipe: Pipeline, within_s: float = 5.0) -> dict:
+    """The caches each worker holds, once none does or `within_s` has passed (a release travels
+    with the next batch, or alone after the batcher's idle wait)."""
+    deadline = time.monotonic() + within_s
+    while any((held := pipe.status()["caches"]).values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return held
+
+
 def kill_after(actor, batches: int, timeout_s: float = 60.0) -> None:
     """Kill `actor` (Ray restarts it) once it has run `batches` batches."""
     deadline = time.monotonic() + timeout_s
@@ -205,13 +214,17 @@ def test_a_lone_sd_request_drafts_ahead_on_the_draft_worker_and_survives_its_los
     pipe = Pipeline(cfg)
     try:
         first = pipe.generate(req)
+        after_first = drained(pipe)
         draft = ray.get(pipe.coordinator.actor_handles.remote())["draft"]
         ref = pipe.coordinator.generate.remote(req)
         kill_after(draft, ray.get(draft.where.remote())["batches"] + 4)
         again = ray.get(ref)
+        after_loss = drained(pipe)
         use = pipe.utilisation()
     finally:
         pipe.shutdown()
     assert plain.token_ids == first.token_ids == again.token_ids == want
     assert plain.stats.ahead_rounds == 0 and first.stats.ahead_rounds >= 2
     assert use["retries"] == 1
+    # the forks a dropped guess leaves on the draft worker are freed, before and after its loss
+    assert after_first == after_loss == {"target": 0, "draft": 0}
