@@ -182,6 +182,10 @@ class BatchedReward:
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
         return self.batcher.run(RewardCall(self.spec, tuple(batch)))
 
+    def submit(self, batch: Sequence[RewardInput]) -> Future:
+        """`score`, answered by a future (CDSL searches ahead while it runs)."""
+        return self.batcher.submit(RewardCall(self.spec, tuple(batch)))
+
 
 def cache_tokens(request: Request, prompt_tokens: int) -> int:
     """KV-cache tokens one request may hold at its peak, a conservative bound: prompt + output,

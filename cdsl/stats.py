@@ -36,7 +36,11 @@ class Stats:
     """Tokens of prompt lookup's proposals the target accepted (in `accepted` too)."""
     rounds: int = 0
     ahead_rounds: int = 0
-    """Rounds whose proposal the draft wrote while the target verified the round before (overlap)."""
+    """Rounds begun before the round before them was settled (overlap): `sd`'s drafted while the
+    target verified, CDSL's searches whose top candidate was kept while the reward scored them."""
+    ahead_redone: int = 0
+    """CDSL searches whose reward chose another row than the top one kept ahead: the rounds after
+    it were dropped and done again."""
     ahead_dropped: int = 0
     """Draft tokens written ahead and dropped: the target did not keep the whole round before them."""
     states: dict[str, int] = field(default_factory=lambda: {"S1": 0, "S2": 0, "S3": 0, "S4": 0})

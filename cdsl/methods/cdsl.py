@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -39,6 +40,7 @@ from cdsl.config import Action, State
 from cdsl.decoder import Rollout
 from cdsl.methods.context import Context
 from cdsl.methods.greedy import take
+from cdsl.methods.search_ahead import Scoring, restore, searching_ahead, settle, start
 from cdsl.methods.speculative import crowded, cut, looked_up, novel
 
 
@@ -188,20 +190,38 @@ def search_on_draft(ctx: Context, cands: list[int], logp: torch.Tensor, room: fl
     keep(ctx, checked, drafted, best, tokens, n)
 
 
-def search_on_target(ctx: Context, cands: list[int], logp: torch.Tensor, room: float) -> None:
-    """`cdlh`: the target rolls out every candidate; the winner's lookahead is kept as far as
-    the reward has nothing to decide (its last token stays a lookahead: the logits after it
-    are not computed)."""
-    steps = ctx.config.lookahead  # the full L even near the budget: CDLH's reward sees it too
-    rolled = ctx.target.rollout(cands, steps, ctx.pick)
-    rows = [cut(ctx, [c, *row]) for c, row in zip(cands, rolled.tokens.tolist())]
+def roll_candidates(ctx: Context, cands: list[int]) -> tuple[Rollout, list[list[int]]]:
+    """The target rolls out every candidate `lookahead` tokens (one batched call per position;
+    the full L even near the budget: CDLH's reward sees it too); each row cut after an end."""
+    rolled = ctx.target.rollout(cands, ctx.config.lookahead, ctx.pick)
+    return rolled, [cut(ctx, [c, *row]) for c, row in zip(cands, rolled.tokens.tolist())]
+
+
+def kept_of(ctx: Context, rolled: Rollout, rows: list[list[int]], room: float, row: int) -> int:
+    """How many of row `row`'s rolled tokens the reward leaves nothing to decide (its last
+    token stays a lookahead: the logits after it are not computed)."""
+    upto = min(ctx.config.lookahead - 1, len(rows[row]) - 1)
+    return settled(ctx, rolled.logits[row, :upto], room)
+
+
+def search_on_target(ctx: Context, cands: list[int], logp: torch.Tensor, room: float,
+                     rolled: Rollout | None = None, rows: list[list[int]] | None = None) -> Scoring | None:
+    """`cdlh`: the reward ranks the target's rollouts of every candidate and the winner's
+    lookahead is kept as far as the reward has nothing to decide. Where the reward is scored
+    elsewhere, the top row is kept while it scores (`search_ahead`): the reward's answer,
+    returned as a `Scoring`, is waited for in the next round. `rolled`, `rows`: the rollouts,
+    where the caller made them (`roll_candidates`)."""
+    if rolled is None or rows is None:
+        rolled, rows = roll_candidates(ctx, cands)
+    if searching_ahead(ctx):
+        return start(ctx, rows, logp[cands], rolled, partial(kept_of, ctx, rolled, rows, room), keep)
     best, reward = choose(ctx, logp[cands], rows)
     if getattr(ctx.reward, "monotone", False) and ctx.config.greedy:
         # CDLH's lookahead from any of the winner's rolled tokens contains the rest of the
         # winner's row, so its reward there is at least this row's: only 1 - that is left to gain
         room = min(room, (1.0 - reward) * ctx.config.gain_share)
-    upto = min(steps - 1, len(rows[best]) - 1)
-    keep(ctx, rolled, None, best, rows[best], settled(ctx, rolled.logits[best, :upto], room))
+    keep(ctx, rolled, None, best, rows[best], kept_of(ctx, rolled, rows, room, best))
+    return None
 
 
 def choose(ctx: Context, logp: torch.Tensor, rows: list[list[int]]) -> tuple[int, float]:
@@ -213,23 +233,47 @@ def choose(ctx: Context, logp: torch.Tensor, rows: list[list[int]]) -> tuple[int
 
 
 def cdsl(ctx: Context) -> None:
+    pending: Scoring | None = None  # a search whose reward is in flight (search_ahead)
+    try:
+        while not ctx.finished:
+            pending = one_round(ctx, pending)
+            if ctx.finished and pending is not None:
+                settle(ctx, pending)  # where another row wins, the text goes on
+                pending = None
+    except BaseException:
+        if pending is not None:  # a retry resumes from confirmed text only
+            ctx.on_emit = pending.on_emit
+            restore(ctx, pending.mark)
+        raise
+
+
+def one_round(ctx: Context, pending: Scoring | None) -> Scoring | None:
+    """One round; `pending` is the last search's reward in flight, settled before this round
+    emits or scores anything (a search's target rollout goes first). Returns this round's own
+    reward in flight, if any."""
     cfg = ctx.config
-    while not ctx.finished:
-        ctx.stats.rounds += 1
-        logp = torch.log_softmax(ctx.target.next_logits(), dim=-1)
-        floor, room = headroom(ctx)
-        cands = stake(ctx, logp, room)
-        r = floor if len(cands) > 1 else 1.0
-        a = ctx.stats.acceptance if ctx.stats.drafted else 1.0
-        state = classify(a, r, cfg.tau_accept, cfg.tau_reward)
-        ctx.stats.record_state(state.value)
-        action = cfg.policy[state]
-        if action in (Action.verified_prefix, Action.accept_draft) or len(cands) == 1:
-            if action is not Action.accept_draft and cfg.greedy and crowded(ctx):
-                take(ctx, cands[0])  # what speculation would emit first; the next round goes on
-            else:
-                speculate(ctx, cands, room, action is Action.accept_draft)
-        elif action is Action.cdlh_appx:
-            search_on_draft(ctx, cands, logp, room)
+    ctx.stats.rounds += 1
+    logp = torch.log_softmax(ctx.target.next_logits(), dim=-1)
+    floor, room = headroom(ctx)
+    cands = stake(ctx, logp, room)
+    r = floor if len(cands) > 1 else 1.0
+    a = ctx.stats.acceptance if ctx.stats.drafted else 1.0
+    state = classify(a, r, cfg.tau_accept, cfg.tau_reward)
+    ctx.stats.record_state(state.value)
+    action = cfg.policy[state]
+    if action is Action.cdlh and len(cands) > 1:
+        rolled, rows = roll_candidates(ctx, cands)
+        if pending is not None and not settle(ctx, pending):
+            ctx.target.discard(rolled)  # this round was searched after the wrong row
+            return None
+        return search_on_target(ctx, cands, logp, room, rolled, rows)
+    if pending is not None and not settle(ctx, pending):
+        return None
+    if action in (Action.verified_prefix, Action.accept_draft) or len(cands) == 1:
+        if action is not Action.accept_draft and cfg.greedy and crowded(ctx):
+            take(ctx, cands[0])  # what speculation would emit first; the next round goes on
         else:
-            search_on_target(ctx, cands, logp, room)
+            speculate(ctx, cands, room, action is Action.accept_draft)
+    else:
+        search_on_draft(ctx, cands, logp, room)
+    return None

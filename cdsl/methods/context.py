@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +127,24 @@ class Context:
         with self.stats.reward_call(len(continuations)):
             scores = self.reward.score(self.reward_inputs(continuations))
         return torch.tensor(scores, dtype=torch.float32)
+
+    def rewards_later(self, continuations: list[list[int]]) -> Callable[[], torch.Tensor]:
+        """`rewards`, sent now and waited for when the result is called, where the reward is
+        scored elsewhere (`submit`); computed at once otherwise."""
+        if not hasattr(self.reward, "submit"):
+            scores = self.rewards(continuations)
+            return lambda: scores
+        start, future = time.perf_counter(), self.reward.submit(self.reward_inputs(continuations))
+
+        def result() -> torch.Tensor:
+            try:
+                scores = future.result()
+            finally:
+                self.stats.reward_calls += len(continuations)
+                self.stats.time_reward += time.perf_counter() - start
+            return torch.tensor(scores, dtype=torch.float32)
+
+        return result
 
     def close(self) -> None:
         """Free the caches this generation holds."""

@@ -1,0 +1,80 @@
+"""Searching ahead (`Engine(overlap=True)` with a reward model): while the reward scores a CDSL
+search, the target already searches the next round after the top row; the text is exact CDSL's
+(= CDLH's), only confirmed tokens stream, and a reward worker lost mid-search loses nothing."""
+
+import pytest
+
+from cdsl.config import DecodeConfig
+from cdsl.constraints import RewardSpec
+from cdsl.engine import Engine, RewardTable, WorkerLost
+from cdsl.generate import generate
+from cdsl.request import Request
+from cdsl.store import SeqStore
+from tests.test_overlap import Slow
+
+PROMPTS = ["The child", "A man is cooking", "Concepts: dog, frisbee, catch, throw\nSentence:"]
+
+
+class LosesOnce(RewardTable):
+    """A reward worker that dies on its `nth` call."""
+
+    def __init__(self, nth: int = 3) -> None:
+        super().__init__()
+        self.left = nth
+
+    def execute(self, calls, released):
+        self.left -= 1
+        if self.left == 0:
+            raise WorkerLost("reward worker restarted")
+        return super().execute(calls, released)
+
+
+def engine(target, draft, reward: RewardTable, overlap: bool = True) -> Engine:
+    return Engine(target, Slow(target), SeqStore(draft), reward, overlap=overlap)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("weight", [5.0, 1000.0])
+def test_searching_ahead_writes_exact_cdsl_text(pairs, reward_model_dir, family, weight):
+    """lambda 5 (the default: the top row mostly wins) and 1000 (the reward decides: the top row
+    often loses and the round searched ahead is redone): CDLH's text either way, the serial
+    engine's and the library's; every token streamed was kept, in order."""
+    target, draft = pairs[family]
+    spec = RewardSpec(reward_model=str(reward_model_dir))
+    cfg = DecodeConfig(method="cdsl", max_new_tokens=16, k=3, lookahead=3, reward_weight=weight)
+    eng, serial = engine(target, draft, RewardTable()), engine(target, draft, RewardTable(), overlap=False)
+    ahead = redone = 0
+    try:
+        for prompt in PROMPTS:
+            streamed: list[int] = []
+            got = eng.generate(Request(prompt, cfg, spec), streamed.extend)
+            plain = serial.generate(Request(prompt, cfg, spec))
+            rm = spec.build()
+            cdlh = generate(prompt, target, draft, rm, cfg.model_copy(update={"method": "cdlh"}))
+            assert got.token_ids == plain.token_ids == cdlh.token_ids
+            assert streamed == got.token_ids
+            assert plain.stats.ahead_rounds == 0
+            ahead += got.stats.ahead_rounds
+            redone += got.stats.ahead_redone
+            assert got.stats.state_trace == plain.stats.state_trace  # redone rounds are not counted twice
+    finally:
+        eng.close()
+        serial.close()
+    assert ahead > 0
+    if weight > 100:
+        assert redone > 0
+
+
+def test_a_reward_worker_lost_while_searching_ahead_resumes_from_confirmed_text(pairs, reward_model_dir):
+    target, draft = pairs["llama"]
+    spec = RewardSpec(reward_model=str(reward_model_dir))
+    cfg = DecodeConfig(method="cdsl", max_new_tokens=16, k=3, lookahead=3, reward_weight=1000.0)
+    want = generate(PROMPTS[0], target, draft, spec.build(), cfg).token_ids
+    eng = engine(target, draft, LosesOnce(nth=3))
+    try:
+        streamed: list[int] = []
+        got = eng.generate(Request(PROMPTS[0], cfg, spec), streamed.extend)
+        assert eng.retries == 1
+    finally:
+        eng.close()
+    assert got.token_ids == want and streamed == want
