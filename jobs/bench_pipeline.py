@@ -2,6 +2,7 @@
 
     python -m jobs.bench_pipeline --requests 64 --method cdsl [--dataset ../shared/data/commongen/dev.jsonl]
     python -m jobs.bench_pipeline --single --limit 12 --out runs/overlap.json
+    python -m jobs.bench_pipeline --single --task harmless --limit 4 --methods cdsl --out runs/overlap_harmless.json
 
 Three runs over the same requests, each after a warm-up: the library one request at a time
 (`cdsl.generate`), the in-process engine stepping all requests at once (`cdsl.engine`), and the
@@ -11,13 +12,15 @@ issue asks for, and per-phase utilisation; writes them as JSON.
 `--single`: one request at a time through two Ray pipelines started side by side, one serial
 (`overlap` off) and one overlapped, each worker on one CPU; requests alternate between them so
 both see the same machine. Writes `serial_s` and `overlapped_s` (method -> seconds) and
-`same_text` (whether every text matched).
+`same_text` (whether every text matched). `--task harmless`: held-out hh-rlhf dialogues with the
+default harmless reward model (on the reward worker) instead of CommonGen concept sets.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -25,7 +28,7 @@ from tqdm import tqdm
 
 from actors.config import PipelineConfig
 from actors.pipeline import Pipeline
-from cdsl.config import BUILTIN_DRAFT, BUILTIN_TARGET, DecodeConfig, ModelConfig
+from cdsl.config import BUILTIN_DRAFT, BUILTIN_HARMLESS, BUILTIN_TARGET, DecodeConfig, ModelConfig
 from cdsl.constraints import RewardSpec
 from cdsl.engine import local_engine
 from cdsl.generate import generate, load_pair
@@ -34,7 +37,7 @@ from cdsl.request import Request
 from cdsl.rewards import coverage
 from cdsl.stats import Stats
 from cdsl.tasks import commongen_prompt
-from jobs.bench import COMMONGEN_DEV, load_dataset
+from jobs.bench import COMMONGEN_DEV, HARMLESS_DATA, load_dataset, load_harmless
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -46,7 +49,23 @@ def _figures(outs, reqs, seconds: float) -> dict:
             "mean_coverage": sum(cov) / len(cov)}
 
 
-def single(sets: list[list[str]], methods: list[str], target: str, draft: str, out: Path) -> dict:
+def single_requests(task: str, dataset: str, limit: int, tokenizer, reward_model: str = BUILTIN_HARMLESS
+             ) -> Callable[[str], list[Request]]:
+    """method -> the requests of `--single`: CommonGen concept sets, or hh-rlhf dialogues (the
+    default file's held-out ones) scored by `reward_model`."""
+    if task == "harmless":
+        prompts = load_harmless(dataset or str(HARMLESS_DATA), limit, tokenizer, held_out=not dataset)
+        spec = RewardSpec(reward_model=reward_model)
+        return lambda method: [Request(p, DecodeConfig(method=method), spec) for p in prompts]
+    if task != "commongen":
+        raise typer.BadParameter("task: use commongen or harmless", param_hint="--task")
+    sets = load_dataset(dataset or (str(COMMONGEN_DEV) if COMMONGEN_DEV.exists() else "builtin"), limit)
+    return lambda method: [Request(commongen_prompt(c, tokenizer), DecodeConfig(method=method),
+                                   RewardSpec(concepts=c)) for c in sets]
+
+
+def single(requests_for: Callable[[str], list[Request]], methods: list[str], target: str, draft: str,
+           out: Path) -> dict:
     """Serial against overlapped pipeline, one request at a time (see the module's doc)."""
     import ray
 
@@ -54,12 +73,11 @@ def single(sets: list[list[str]], methods: list[str], target: str, draft: str, o
     models = dict(target=ModelConfig(path=target), draft=ModelConfig(path=draft), cpus_per_worker=1.0)
     pipes = {mode: Pipeline(PipelineConfig(**models, overlap=mode == "overlapped"))
              for mode in ("serial", "overlapped")}
-    codec = Codec.load(ModelConfig(path=target), "target")
-    results: dict = {"sets": len(sets), "serial_s": {}, "overlapped_s": {}, "texts_differ": {}, "stats": {}}
+    results: dict = {"sets": len(requests_for(methods[0])), "serial_s": {}, "overlapped_s": {}, "texts_differ": {},
+                     "stats": {}}
     try:
         for method in methods:
-            reqs = [Request(commongen_prompt(c, codec.tokenizer), DecodeConfig(method=method), RewardSpec(concepts=c))
-                    for c in sets]
+            reqs = requests_for(method)
             for pipe in pipes.values():  # warm-up
                 pipe.generate(reqs[0])
             seconds, texts = {m: 0.0 for m in pipes}, {m: [] for m in pipes}
@@ -108,10 +126,14 @@ def main(
     one: bool = typer.Option(False, "--single", help="One request at a time: serial against overlapped pipeline."),
     limit: int = typer.Option(12, min=1, help="--single: concept sets to run."),
     methods: str = typer.Option("sd,cdsl", help="--single: comma-separated methods."),
+    task: str = typer.Option("commongen", help="--single: commongen, or harmless (hh-rlhf dialogues, the "
+                             "default harmless reward model)."),
+    reward_model: str = typer.Option(BUILTIN_HARMLESS, help="--single --task harmless: the reward model."),
 ) -> None:
     if one:
-        dataset = dataset or (str(COMMONGEN_DEV) if COMMONGEN_DEV.exists() else "builtin")
-        single(load_dataset(dataset, limit), [m.strip() for m in methods.split(",") if m.strip()], target, draft, out)
+        tokenizer = Codec.load(ModelConfig(path=target), "target").tokenizer
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        single(single_requests(task, dataset, limit, tokenizer, reward_model), names, target, draft, out)
         return
     dataset = dataset or "builtin"
     sets = load_dataset(dataset, requests)

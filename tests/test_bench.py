@@ -90,3 +90,25 @@ def test_bench_pipeline_single_times_serial_against_overlapped(model_dirs, tmp_p
     assert got["same_text"] is True and got["texts_differ"] == {"sd": 0, "greedy": 0}
     assert got["stats"]["sd"]["serial"]["ahead_rounds"] == 0
     assert "| sd |" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_pipeline_single_harmless_searches_ahead_on_the_ray_workers(model_dirs, reward_model_dir, tmp_path):
+    """`--single --task harmless`: CDSL with a reward model on the reward worker; the overlapped
+    pipeline keeps the top row while the reward scores (searching ahead) and writes the serial
+    pipeline's text."""
+    import subprocess
+    import sys
+
+    data, out = tmp_path / "hh.jsonl", tmp_path / "overlap.json"
+    data.write_text("".join(json.dumps({"chosen": f"\n\nHuman: Where is the {w}?\n\nAssistant: Here.",
+                                        "rejected": "\n\nHuman: Hi\n\nAssistant: No."}) + "\n"
+                            for w in ("dog", "key", "car")))
+    cmd = [sys.executable, "-m", "jobs.bench_pipeline", "--single", "--task", "harmless", "--limit", "3",
+           "--methods", "cdsl", "--dataset", str(data), "--reward-model", str(reward_model_dir),
+           "--target", str(model_dirs["llama-target"]), "--draft", str(model_dirs["llama-draft"]), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["sets"] == 3 and got["same_text"] is True
+    assert got["stats"]["cdsl"]["serial"]["ahead_rounds"] == 0 < got["stats"]["cdsl"]["overlapped"]["ahead_rounds"]
