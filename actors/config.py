@@ -63,11 +63,13 @@ class PipelineConfig(BaseModel):
     max_concurrency: int = Field(256, ge=1)
     """Requests the coordinator runs at once."""
     overlap: bool = False
-    """True: a request alone in the pipeline drafts its next `sd` round while the target
-    verifies this one (PEARL's post-verify), so the draft worker works during the target's call;
-    the text is the same either way. It pays only where a round is often kept whole: with the
-    default pair 6 of 122 rounds were, so it saved nothing (docs/ray.md) and is off by default.
-    False: draft, verify, draft, one after another."""
+    """True: a request alone in the pipeline overlaps its phases, with the same text either way:
+    it drafts its next `sd` round while the target verifies this one (PEARL's post-verify), and a
+    `cdsl` search scored by a reward model keeps its top row while the reward worker scores it,
+    the target already searching the next round (redone where another row wins). With the
+    default pair the first saved nothing (6 of 122 rounds were kept whole) and the second took
+    harmless CDSL to 0.75x the serial wall time (docs/ray.md); off by default, as the first
+    costs draft calls. False: one phase after another."""
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     """Defaults for requests that do not set their own."""
     limits: Limits = Field(default_factory=Limits)

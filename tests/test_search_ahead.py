@@ -2,6 +2,8 @@
 search, the target already searches the next round after the top row; the text is exact CDSL's
 (= CDLH's), only confirmed tokens stream, and a reward worker lost mid-search loses nothing."""
 
+import time
+
 import pytest
 
 from cdsl.config import DecodeConfig
@@ -33,6 +35,12 @@ def engine(target, draft, reward: RewardTable, overlap: bool = True) -> Engine:
     return Engine(target, Slow(target), SeqStore(draft), reward, overlap=overlap)
 
 
+def held(eng: Engine) -> tuple[int, int]:
+    """Caches left in the target and draft stores, once releases have travelled (50 ms idle)."""
+    time.sleep(0.3)
+    return len(eng.phases["target"].executor.store), len(eng.phases["draft"].executor)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("weight", [5.0, 1000.0])
 def test_searching_ahead_writes_exact_cdsl_text(pairs, reward_model_dir, family, weight):
@@ -57,6 +65,7 @@ def test_searching_ahead_writes_exact_cdsl_text(pairs, reward_model_dir, family,
             ahead += got.stats.ahead_rounds
             redone += got.stats.ahead_redone
             assert got.stats.state_trace == plain.stats.state_trace  # redone rounds are not counted twice
+        assert held(eng) == (0, 0)  # a redone round's forks are freed too
     finally:
         eng.close()
         serial.close()
@@ -75,6 +84,7 @@ def test_a_reward_worker_lost_while_searching_ahead_resumes_from_confirmed_text(
         streamed: list[int] = []
         got = eng.generate(Request(PROMPTS[0], cfg, spec), streamed.extend)
         assert eng.retries == 1
+        assert held(eng) == (0, 0)
     finally:
         eng.close()
     assert got.token_ids == want and streamed == want
