@@ -249,8 +249,8 @@ def cdsl(ctx: Context) -> None:
 
 def one_round(ctx: Context, pending: Scoring | None) -> Scoring | None:
     """One round; `pending` is the last search's reward in flight, settled before this round
-    emits or scores anything (a search's target rollout goes first). Returns this round's own
-    reward in flight, if any."""
+    emits anything or sends its own rows to the reward (a search's target rollout goes first).
+    Returns this round's own reward in flight, if any."""
     cfg = ctx.config
     ctx.stats.rounds += 1
     logp = torch.log_softmax(ctx.target.next_logits(), dim=-1)
