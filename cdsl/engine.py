@@ -180,7 +180,7 @@ class BatchedReward:
         self.monotone, self.one_sentence = spec.monotone, spec.one_sentence
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
-        return self.batcher.run(RewardCall(self.spec, tuple(batch)))
+        return self.submit(batch).result()
 
     def submit(self, batch: Sequence[RewardInput]) -> Future:
         """`score`, answered by a future (CDSL searches ahead while it runs)."""

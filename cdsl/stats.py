@@ -88,8 +88,12 @@ class Stats:
         try:
             yield
         finally:
-            self.reward_calls += texts
-            self.time_reward += time.perf_counter() - start
+            self.count_reward(texts, time.perf_counter() - start)
+
+    def count_reward(self, texts: int, seconds: float) -> None:
+        """Count `texts` scored by the reward in a call that took `seconds` from issue to answer."""
+        self.reward_calls += texts
+        self.time_reward += seconds
 
     def record_state(self, state: str) -> None:
         self.states[state] += 1

@@ -140,8 +140,7 @@ class Context:
             try:
                 scores = future.result()
             finally:
-                self.stats.reward_calls += len(continuations)
-                self.stats.time_reward += time.perf_counter() - start
+                self.stats.count_reward(len(continuations), time.perf_counter() - start)
             return torch.tensor(scores, dtype=torch.float32)
 
         return result
