@@ -10,6 +10,7 @@ they travel with the next one.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -164,6 +165,7 @@ class Decoder:
         self.logits: torch.Tensor | None = None
         self._moves: list[tuple[str, str, int]] = []
         self._rollouts = 0
+        self._known: tuple[int, torch.Tensor] | None = None  # (len(ids), logits) pushed tokens came with
 
     def _run(self, key: str, tokens: list[list[int]], keep: int, fork: str | None = None,
              last_only: bool = False, before: list[list[int]] | None = None) -> torch.Tensor:
@@ -183,10 +185,12 @@ class Decoder:
         """Whether a call of this decoder runs while its caller works on the other model."""
         return getattr(self.runner, "overlaps", False)
 
-    def push(self, tokens: list[int]) -> None:
+    def push(self, tokens: list[int], logits: torch.Tensor | None = None) -> None:
         """Append tokens whose logits nobody needs yet: they stay pending, and the next call
-        feeds them (an emitted token costs no call of its own)."""
+        feeds them (an emitted token costs no call of its own). `logits`, the next-token logits
+        after them where already known (from a rollout), answer `next_logits` without a call."""
         self.ids.extend(tokens)
+        self._known = None if logits is None else (len(self.ids), logits)
 
     def step(self, new: list[int] = (), last_only: bool = False) -> torch.Tensor:
         """Append `new`, run every uncached token; logits [T, V] for the positions fed ([1, V],
@@ -195,6 +199,7 @@ class Decoder:
         fed = self.ids[self.n_cached:]
         if not fed:
             return self.logits[None]
+        self._known = None
         logits = self._run(self.key, [fed], self.n_cached, last_only=last_only)[0]
         if last_only:
             logits = logits[None]
@@ -215,12 +220,15 @@ class Decoder:
 
     def next_logits(self) -> torch.Tensor:
         """Logits [V] for the token after `ids`."""
+        if self._known is not None and self._known[0] == len(self.ids):
+            return self._known[1]
         return self.step(last_only=True)[-1]
 
     def truncate(self, length: int, logits: torch.Tensor | None = None) -> None:
         """Keep the first `length` tokens (the cache is cropped by the next call). `logits`, the
         known next-token logits after them, saves a call; without it the last token stays pending."""
         del self.ids[length:]
+        self._known = None
         if length < self.n_cached or (length == self.n_cached and self.logits is None):
             self.n_cached = length if logits is not None else length - 1
             self.logits = logits
@@ -230,7 +238,7 @@ class Decoder:
         prompt, is run once here instead)."""
         pending = self.ids[self.n_cached:]
         if len(pending) > SHARED_PENDING or not self.n_cached:
-            self.next_logits()
+            self.step(last_only=True)
             return []
         return pending
 
@@ -238,17 +246,21 @@ class Decoder:
         self._rollouts += 1
         return f"{self.key}:rollout{self._rollouts}"
 
-    def rollout(self, candidates: list[int], steps: int, pick, confidence: float = 0.0, least: int = 1) -> Rollout:
+    def rollout(self, candidates: list[int], steps: int, pick, confidence: float = 0.0, least: int = 1,
+                stop: Callable[[], bool] | None = None) -> Rollout:
         """Roll each candidate out `steps` tokens in one batched call per step, forking the
         prefix cache. `pick(logits [k, V]) -> [k]` chooses each next token. With `confidence`,
         the rollout ends early (after at least `least` rolled tokens) once the first row's next
         token has less than that probability under this model: a token the model itself doubts
-        is likely rejected, and the first row is its own best guess."""
+        is likely rejected, and the first row is its own best guess. `stop`, asked before every
+        call after the first: True ends the rollout there (one its caller no longer needs)."""
         pending = self._pending_for_rows()
         key, base = self._fork_key(), self.n_cached
         feed, out, rows = [[*pending, c] for c in candidates], [], []
         history = [self.ids[:base]] * len(candidates)  # each row's ids before its fed tokens
         for i in range(steps):
+            if i and stop is not None and stop():
+                break
             keep = base + len(pending) + i if i else base
             logits = self._run(key, feed, keep, fork=self.key if i == 0 else None, last_only=True, before=history)
             if i >= least and confidence and unsure(logits[:1], confidence):
@@ -285,6 +297,7 @@ class Decoder:
         """Continue from candidate `row` of a rollout and its first `keep` rolled tokens: that
         cache row replaces this one's."""
         self._moves.append((self.key, rollout.key, row))
+        self._known = None
         self.ids.append(rollout.candidates[row])
         self.ids.extend(rollout.tokens[row, :keep].tolist())
         if keep + rollout.lead < rollout.logits.shape[1]:
@@ -296,6 +309,7 @@ class Decoder:
         """Keep none of a rollout's candidates but take its cache of the prefix, pending tokens
         included (they were fed in every row); `logits` are the next-token logits after it."""
         self._moves.append((self.key, rollout.key, 0))
+        self._known = None
         self.n_cached, self.logits = len(self.ids), logits
 
     def discard(self, rollout: Rollout) -> None:

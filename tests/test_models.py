@@ -91,6 +91,46 @@ def test_rollout_may_stop_right_after_the_candidates(pairs):
     assert ro.tokens.shape == (2, 1)
 
 
+def test_a_rollout_told_to_stop_makes_no_further_call(pairs):
+    """`stop` is asked before every call after the first: a rollout no longer needed ends there."""
+    from cdsl.decoder import Decoder
+    from cdsl.stats import Stats
+
+    target, _ = pairs["llama"]
+    dec = Decoder(target, target.encode("The dog"), Stats(), "target")
+    dec.next_logits()
+    asked = []
+    ro = dec.rollout([9, 10], 4, lambda logits: logits.argmax(-1), stop=lambda: asked.append(1) or len(asked) == 2)
+    assert ro.tokens.shape == (2, 2) and dec.stats.target_calls == 3 and len(asked) == 2
+
+
+def test_pushed_tokens_with_known_logits_cost_no_call_until_the_next_one_feeds_them(pairs):
+    """A rollout row's logits, pushed with its tokens, answer `next_logits`; the next call feeds
+    the tokens and its logits are a fresh prefill's."""
+    import torch
+
+    from cdsl.decoder import Decoder
+    from cdsl.stats import Stats
+
+    target, _ = pairs["qwen2"]
+    ids = target.encode("The dog throws a frisbee")
+    dec = Decoder(target, ids, Stats(), "target")
+    dec.next_logits()
+    ro = dec.rollout([9, 10], 3, lambda logits: logits.argmax(-1))
+    dec.discard(ro)
+    calls = dec.stats.target_calls
+    row = [10, *ro.tokens[1, :2].tolist()]
+    dec.push(row, ro.logits[1, 2])
+    assert torch.equal(dec.next_logits(), ro.logits[1, 2]) and dec.stats.target_calls == calls
+    got = dec.verify([5])
+    fresh = Decoder(target, ids + row, Stats(), "target").verify([5])
+    assert torch.allclose(got, fresh[-2:], atol=1e-5) and dec.stats.target_calls == calls + 1
+    dec.truncate(len(ids) + 1)
+    dec.push([7])  # known logits are for the ids they came with only
+    assert torch.allclose(dec.next_logits(), Decoder(target, ids + [10, 7], Stats(), "target").next_logits(),
+                          atol=1e-5)
+
+
 def test_prompt_ids_add_bos_where_the_tokenizer_asks_and_long_prompts_are_refused(model_dirs):
     target = LM.load(ModelConfig(path=str(model_dirs["llama-target"])))
     assert target.window == 1024

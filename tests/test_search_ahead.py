@@ -74,6 +74,26 @@ def test_searching_ahead_writes_exact_cdsl_text(pairs, reward_model_dir, family,
         assert redone > 0
 
 
+def test_a_lost_guess_costs_at_most_one_target_call(pairs, reward_model_dir):
+    """Where the reward answers while the target searches ahead on a guess that lost, the
+    rollout stops after its first call, and the winner's logits come from its own search: no
+    call re-feeds it (the serial engine's calls + at most one per redone round; 4 before)."""
+    target, draft = pairs["llama"]
+    spec = RewardSpec(reward_model=str(reward_model_dir))
+    cfg = DecodeConfig(method="cdsl", max_new_tokens=16, k=3, lookahead=3, reward_weight=1000.0)
+    slow = lambda: Engine(target, Slow(target, delay_s=0.05), SeqStore(draft), RewardTable(), overlap=True)  # noqa: E731
+    eng, serial = slow(), engine(target, draft, RewardTable(), overlap=False)
+    try:
+        got = eng.generate(Request(PROMPTS[1], cfg, spec))
+        plain = serial.generate(Request(PROMPTS[1], cfg, spec))
+    finally:
+        eng.close()
+        serial.close()
+    assert got.token_ids == plain.token_ids
+    assert got.stats.ahead_redone > 0
+    assert got.stats.target_calls - plain.stats.target_calls <= got.stats.ahead_redone
+
+
 def test_a_reward_worker_lost_while_searching_ahead_resumes_from_confirmed_text(pairs, reward_model_dir):
     target, draft = pairs["llama"]
     spec = RewardSpec(reward_model=str(reward_model_dir))

@@ -31,6 +31,7 @@ round's last call already computed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -40,7 +41,7 @@ from cdsl.config import Action, State
 from cdsl.decoder import Rollout
 from cdsl.methods.context import Context
 from cdsl.methods.greedy import take
-from cdsl.methods.search_ahead import Scoring, restore, searching_ahead, settle, start
+from cdsl.methods.search_ahead import Scoring, lost, restore, searching_ahead, settle, start
 from cdsl.methods.speculative import crowded, cut, looked_up, novel
 
 
@@ -190,10 +191,12 @@ def search_on_draft(ctx: Context, cands: list[int], logp: torch.Tensor, room: fl
     keep(ctx, checked, drafted, best, tokens, n)
 
 
-def roll_candidates(ctx: Context, cands: list[int]) -> tuple[Rollout, list[list[int]]]:
+def roll_candidates(ctx: Context, cands: list[int], stop: Callable[[], bool] | None = None
+                    ) -> tuple[Rollout, list[list[int]]]:
     """The target rolls out every candidate `lookahead` tokens (one batched call per position;
-    the full L even near the budget: CDLH's reward sees it too); each row cut after an end."""
-    rolled = ctx.target.rollout(cands, ctx.config.lookahead, ctx.pick)
+    the full L even near the budget: CDLH's reward sees it too); each row cut after an end.
+    `stop`: the rollout is no longer needed (see `Decoder.rollout`)."""
+    rolled = ctx.target.rollout(cands, ctx.config.lookahead, ctx.pick, stop=stop)
     return rolled, [cut(ctx, [c, *row]) for c, row in zip(cands, rolled.tokens.tolist())]
 
 
@@ -262,7 +265,8 @@ def one_round(ctx: Context, pending: Scoring | None) -> Scoring | None:
     ctx.stats.record_state(state.value)
     action = cfg.policy[state]
     if action is Action.cdlh and len(cands) > 1:
-        rolled, rows = roll_candidates(ctx, cands)
+        # searched on a guess, the rollout ends as soon as the reward says another row won
+        rolled, rows = roll_candidates(ctx, cands, None if pending is None else partial(lost, ctx, pending))
         if pending is not None and not settle(ctx, pending):
             ctx.target.discard(rolled)  # this round was searched after the wrong row
             return None

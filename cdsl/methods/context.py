@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,29 @@ def ends_at_sentence(config: DecodeConfig, reward: Reward | None) -> bool:
     """Whether the text ends at its first sentence end: `stop` "sentence", or "auto" for a task
     whose answer is one sentence (a reward that says `one_sentence`, such as CommonGen coverage)."""
     return config.stop == "sentence" or (config.stop == "auto" and bool(getattr(reward, "one_sentence", False)))
+
+
+class RewardsLater:
+    """A reward call in flight: `done()` says whether it has answered, calling it waits for the
+    scores (counted once, however often it is called)."""
+
+    def __init__(self, stats: Stats, texts: int, future: Future | None = None, scores: torch.Tensor | None = None
+                 ) -> None:
+        self.stats, self.texts, self.future, self.scores = stats, texts, future, scores
+        self.start, self.counted = time.perf_counter(), future is None  # scored here: counted there
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def __call__(self) -> torch.Tensor:
+        if self.scores is None:
+            try:
+                self.scores = torch.tensor(self.future.result(), dtype=torch.float32)
+            finally:
+                if not self.counted:
+                    self.counted = True
+                    self.stats.count_reward(self.texts, time.perf_counter() - self.start)
+        return self.scores
 
 
 class Context:
@@ -128,22 +151,12 @@ class Context:
             scores = self.reward.score(self.reward_inputs(continuations))
         return torch.tensor(scores, dtype=torch.float32)
 
-    def rewards_later(self, continuations: list[list[int]]) -> Callable[[], torch.Tensor]:
+    def rewards_later(self, continuations: list[list[int]]) -> RewardsLater:
         """`rewards`, sent now and waited for when the result is called, where the reward is
         scored elsewhere (`submit`); computed at once otherwise."""
         if not hasattr(self.reward, "submit"):
-            scores = self.rewards(continuations)
-            return lambda: scores
-        start, future = time.perf_counter(), self.reward.submit(self.reward_inputs(continuations))
-
-        def result() -> torch.Tensor:
-            try:
-                scores = future.result()
-            finally:
-                self.stats.count_reward(len(continuations), time.perf_counter() - start)
-            return torch.tensor(scores, dtype=torch.float32)
-
-        return result
+            return RewardsLater(self.stats, len(continuations), scores=self.rewards(continuations))
+        return RewardsLater(self.stats, len(continuations), self.reward.submit(self.reward_inputs(continuations)))
 
     def close(self) -> None:
         """Free the caches this generation holds."""

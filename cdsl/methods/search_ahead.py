@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cdsl.decoder import Rollout
-from cdsl.methods.context import Context
+from cdsl.methods.context import Context, RewardsLater
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Scoring:
     rolled: Rollout
     kept: Callable[[int], int]
     """How many of row i's rolled tokens are kept if it wins."""
-    rewards: Callable[[], torch.Tensor]
+    rewards: RewardsLater
     mark: Mark
     held: list[int] = field(default_factory=list)
     """Tokens kept on the guess, not streamed yet."""
@@ -93,24 +93,42 @@ def start(ctx: Context, rows: list[list[int]], logp: torch.Tensor, rolled: Rollo
     return pending
 
 
+def winner(ctx: Context, pending: Scoring) -> int:
+    """The row CDLH chooses (waits for the reward)."""
+    return int((pending.logp + ctx.config.reward_weight * pending.rewards()).argmax())
+
+
+def lost(ctx: Context, pending: Scoring) -> bool:
+    """Whether the reward has answered already and another row won: then the round searched on
+    the guess can stop where it is (`settle` takes it back)."""
+    if not pending.rewards.done():
+        return False
+    try:
+        return winner(ctx, pending) != 0
+    except Exception:  # settle raises it, once the round is dropped
+        return True
+
+
 def settle(ctx: Context, pending: Scoring) -> bool:
     """Wait for the reward: True where the top candidate won (its tokens stream now), False
     where another did (the rounds after the mark are taken back and the winner is kept)."""
     ctx.on_emit = pending.on_emit
     try:
-        rewards = pending.rewards()
+        best = winner(ctx, pending)
     except BaseException:
         restore(ctx, pending.mark)
         raise
-    best = int((pending.logp + ctx.config.reward_weight * rewards).argmax())
     if best == 0:
         if pending.held and ctx.on_emit is not None:
             ctx.on_emit(pending.held)
         return True
     restore(ctx, pending.mark)
     ctx.stats.ahead_redone += 1
-    tokens = pending.rows[best][: pending.kept(best) + 1]
-    ctx.target.push(tokens)  # the winner's cache row left with the guess: its next call feeds it
+    kept, rolled = pending.kept(best), pending.rolled
+    tokens = pending.rows[best][: kept + 1]
+    # the winner's cache row left with the guess: the next call feeds its tokens again, but the
+    # logits after them are the search's own (as the serial loop's), so no call is needed first
+    ctx.target.push(tokens, rolled.logits[best, kept] if kept < rolled.logits.shape[1] else None)
     if ctx.draft is not None:
         ctx.draft.push(tokens)
     ctx.emit(tokens)
