@@ -68,7 +68,7 @@ class PipelineConfig(BaseModel):
     `cdsl` search scored by a reward model keeps its top row while the reward worker scores it,
     the target already searching the next round (redone where another row wins). With the
     default pair the first saved nothing (6 of 122 rounds were kept whole) and the second took
-    harmless CDSL to 0.75x the serial wall time (docs/ray.md); off by default, as the first
+    harmless CDSL to 0.77x the serial wall time (docs/ray.md); off by default, as the first
     costs draft calls. False: one phase after another."""
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     """Defaults for requests that do not set their own."""
