@@ -63,13 +63,16 @@ class PipelineConfig(BaseModel):
     max_concurrency: int = Field(256, ge=1)
     """Requests the coordinator runs at once."""
     overlap: bool = False
-    """True: a request alone in the pipeline overlaps its phases, with the same text either way:
-    it drafts its next `sd` round while the target verifies this one (PEARL's post-verify), and a
-    `cdsl` search scored by a reward model keeps its top row while the reward worker scores it,
-    the target already searching the next round (redone where another row wins). With the
-    default pair the first saved nothing (6 of 122 rounds were kept whole) and the second took
-    harmless CDSL to 0.77x the serial wall time (docs/ray.md); off by default, as the first
-    costs draft calls. False: one phase after another."""
+    """True: an `sd` request alone in the pipeline drafts its next round while the target
+    verifies this one (PEARL's post-verify), with the same text. Off by default: with the default
+    pair it saved nothing (6 of 122 rounds were kept whole) and cost draft calls (docs/ray.md).
+    False: draft, then verify."""
+    search_ahead: bool = True
+    """True: a `cdsl` request alone in the pipeline, scored by a reward model, keeps a search's
+    top row while the reward worker scores it and already searches the next round from there
+    (redone where another row wins), with the same text: harmless CDSL at 0.77x the serial wall
+    time with the default pair (docs/ray.md). Under load other requests fill the wait instead.
+    False: the target waits for every search's scores."""
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     """Defaults for requests that do not set their own."""
     limits: Limits = Field(default_factory=Limits)

@@ -211,7 +211,7 @@ class Coordinator:
         draft = ActorExecutor(self.draft, call_timeout_s=timeout) if self.draft else None
         self.engine = Engine(codec, self.target, draft, ActorExecutor(self.reward, call_timeout_s=timeout),
                              config.window_ms / 1000, config.max_retries, config.max_tokens_held,
-                             overlap=config.overlap and self.draft is not None)
+                             overlap=config.overlap and self.draft is not None, search_ahead=config.search_ahead)
 
     def workers(self) -> list:
         return [*self.target.ranks, *([self.draft] if self.draft else []), self.reward]

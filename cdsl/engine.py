@@ -175,8 +175,9 @@ class Guarded:
 class BatchedReward:
     """The `Reward` protocol for one request, answered through the reward batcher."""
 
-    def __init__(self, batcher: Guarded, spec: RewardSpec) -> None:
-        self.batcher, self.spec = batcher, spec
+    def __init__(self, batcher: Guarded, spec: RewardSpec, ahead: bool = False) -> None:
+        self.batcher, self.spec, self.ahead = batcher, spec, ahead
+        """`ahead`: CDSL may leave a search's scoring in flight and search on (`Engine.search_ahead`)."""
         self.monotone, self.one_sentence = spec.monotone, spec.one_sentence
 
     def score(self, batch: Sequence[RewardInput]) -> list[float]:
@@ -199,13 +200,16 @@ class Engine:
 
     def __init__(self, codec: Codec, target: Executor, draft: Executor | None = None,
                  reward: Executor | None = None, window_s: float = 0.002, max_retries: int = 3,
-                 max_tokens_held: int | None = None, overlap: bool = False) -> None:
+                 max_tokens_held: int | None = None, overlap: bool = False, search_ahead: bool = False) -> None:
         """`max_tokens_held`: most KV-cache tokens the requests in flight may reserve together
         (see `cache_tokens`); a request waits until its share fits, one that could never fit is
-        refused. None: no bound. `overlap`: a request running alone drafts its next round while
-        the target verifies this one (worth it where target and draft are separate workers)."""
+        refused. None: no bound. `overlap`: a request running alone drafts its next `sd` round
+        while the target verifies this one (worth it where target and draft are separate
+        workers). `search_ahead`: a `cdsl` request alone, scored by a reward model, searches its
+        next round while the reward executor scores this one (worth it where that executor is a
+        worker of its own)."""
         self.codec, self.max_retries, self.max_tokens_held = codec, max_retries, max_tokens_held
-        self.overlap = overlap
+        self.overlap, self.search_ahead = overlap, search_ahead
         self.active = 0
         self.tokens_held = self.peak_tokens_held = 0
         self._room = threading.Condition()
@@ -252,7 +256,7 @@ class Engine:
         check_inputs(config.method, "draft" in self.phases, request.reward is not None)
         stop, suspect = threading.Event(), threading.Event()
         phases = {name: Guarded(b, stop, suspect, self._others, self.overlap) for name, b in self.phases.items()}
-        reward = BatchedReward(phases["reward"], request.reward) if request.reward else None
+        reward = BatchedReward(phases["reward"], request.reward, self.search_ahead) if request.reward else None
         with self._lock:
             self._live.setdefault(request.id, []).append(stop)
         start, out, stats = time.perf_counter(), [], None

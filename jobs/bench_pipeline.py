@@ -10,10 +10,11 @@ Ray pipeline (workers + coordinator, started before the clock). Prints tokens/s,
 issue asks for, and per-phase utilisation; writes them as JSON.
 
 `--single`: one request at a time through two Ray pipelines started side by side, one serial
-(`overlap` off) and one overlapped, each worker on one CPU; requests alternate between them so
-both see the same machine. Writes `serial_s` and `overlapped_s` (method -> seconds) and
-`same_text` (whether every text matched). `--task harmless`: held-out hh-rlhf dialogues with the
-default harmless reward model (on the reward worker) instead of CommonGen concept sets.
+(`overlap` and `search_ahead` off) and one overlapped (both on), each worker on one CPU;
+requests alternate between them so both see the same machine. Writes `serial_s` and
+`overlapped_s` (method -> seconds) and `same_text` (whether every text matched). `--task
+harmless`: held-out hh-rlhf dialogues with the default harmless reward model (on the reward
+worker) instead of CommonGen concept sets.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def single(requests_for: Callable[[str], list[Request]], methods: list[str], tar
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # two model workers per pipeline
     models = dict(target=ModelConfig(path=target), draft=ModelConfig(path=draft), cpus_per_worker=1.0)
-    pipes = {mode: Pipeline(PipelineConfig(**models, overlap=mode == "overlapped"))
+    pipes = {mode: Pipeline(PipelineConfig(**models, overlap=mode == "overlapped", search_ahead=mode == "overlapped"))
              for mode in ("serial", "overlapped")}
     results: dict = {"sets": len(requests_for(methods[0])), "serial_s": {}, "overlapped_s": {}, "texts_differ": {},
                      "stats": {}}

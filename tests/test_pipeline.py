@@ -61,9 +61,13 @@ def test_pipeline_equals_in_process_tp1(local_ray, model_dirs, pairs, reward_mod
     # a reward model combined with concepts, scored by the Ray reward worker
     rm_spec = RewardSpec(concepts=CONCEPTS[0], reward_model=str(reward_model_dir))
     rm_req = Request(reqs[0].prompt, DecodeConfig(method="cdlh", max_new_tokens=8, k=3, lookahead=2), rm_spec)
+    # CDSL scored by the reward model alone: by default the lone request searches ahead
+    ahead_spec = RewardSpec(reward_model=str(reward_model_dir))
+    ahead_req = Request(reqs[1].prompt, DecodeConfig(method="cdsl", max_new_tokens=8, k=3, lookahead=2), ahead_spec)
     pipe = Pipeline(config(model_dirs))
     try:
         rm_out = pipe.generate(rm_req)
+        ahead_out = pipe.generate(ahead_req)
         outs = pipe.generate_many(reqs)
         *pieces, last = list(pipe.stream(reqs[4]))
         use = pipe.utilisation()
@@ -73,6 +77,9 @@ def test_pipeline_equals_in_process_tp1(local_ray, model_dirs, pairs, reward_mod
     target, draft = pairs["llama"]
     assert rm_out.token_ids == generate(rm_req.prompt, target, draft, rm_spec.build(), rm_req.config).token_ids
     assert rm_out.stats.reward_calls > 0
+    cdlh = ahead_req.config.model_copy(update={"method": "cdlh"})
+    assert ahead_out.token_ids == generate(ahead_req.prompt, target, draft, ahead_spec.build(), cdlh).token_ids
+    assert ahead_out.stats.ahead_rounds > 0
     assert isinstance(last, Generation) and "".join(pieces) == last.text == outs[4].text
     assert use["target"]["calls"] > use["target"]["batches"]  # requests shared forwards
 

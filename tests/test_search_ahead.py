@@ -1,4 +1,4 @@
-"""Searching ahead (`Engine(overlap=True)` with a reward model): while the reward scores a CDSL
+"""Searching ahead (`Engine(search_ahead=True)` with a reward model): while the reward scores a CDSL
 search, the target already searches the next round after the top row; the text is exact CDSL's
 (= CDLH's), only confirmed tokens stream, and a reward worker lost mid-search loses nothing."""
 
@@ -32,7 +32,7 @@ class LosesOnce(RewardTable):
 
 
 def engine(target, draft, reward: RewardTable, overlap: bool = True) -> Engine:
-    return Engine(target, Slow(target), SeqStore(draft), reward, overlap=overlap)
+    return Engine(target, Slow(target), SeqStore(draft), reward, search_ahead=overlap)
 
 
 def held(eng: Engine) -> tuple[int, int]:
@@ -81,7 +81,8 @@ def test_a_lost_guess_costs_at_most_one_target_call(pairs, reward_model_dir):
     target, draft = pairs["llama"]
     spec = RewardSpec(reward_model=str(reward_model_dir))
     cfg = DecodeConfig(method="cdsl", max_new_tokens=16, k=3, lookahead=3, reward_weight=1000.0)
-    slow = lambda: Engine(target, Slow(target, delay_s=0.05), SeqStore(draft), RewardTable(), overlap=True)  # noqa: E731
+    slow = lambda: Engine(target, Slow(target, delay_s=0.05), SeqStore(draft), RewardTable(),  # noqa: E731
+                          search_ahead=True)
     eng, serial = slow(), engine(target, draft, RewardTable(), overlap=False)
     try:
         got = eng.generate(Request(PROMPTS[1], cfg, spec))

@@ -6,8 +6,8 @@ another row, the round searched ahead is dropped and redone after the winner, so
 the serial loop's and the text is the same.
 
 Only for greedy choices and a reward whose score cannot change how much of the winner's
-lookahead is kept (not monotone: a reward model), with the reward and the target on workers of
-their own (`overlaps`), for a request alone in their batches. Tokens kept on the guess reach
+lookahead is kept (not monotone: a reward model), scored where it runs beside the target (the
+reward's `ahead`: `Engine(search_ahead=True)`), for a request alone in their batches. Tokens kept on the guess reach
 `ctx.out` at once (the next round reads them) but stream only once the reward has confirmed
 them, and a failure while a guess is open takes them back, so a retried request resumes from
 confirmed text only.
@@ -59,8 +59,8 @@ def searching_ahead(ctx: Context) -> bool:
     """Whether a search's reward may be left in flight while the next round goes on."""
     # alone only, as drafting ahead: under load other requests' work fills the wait, and a
     # redone round would take target time from them
-    return (ctx.config.greedy and not getattr(ctx.reward, "monotone", False) and ctx.target.overlaps
-            and hasattr(ctx.reward, "submit") and not ctx.target.others)
+    return (ctx.config.greedy and not getattr(ctx.reward, "monotone", False) and getattr(ctx.reward, "ahead", False)
+            and not ctx.target.others)
 
 
 def mark(ctx: Context, logits: torch.Tensor) -> Mark:
