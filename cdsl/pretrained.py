@@ -19,9 +19,10 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -114,17 +115,20 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     def write(tmp: Path) -> None:
-        quantized, tokenizer = load_gguf(gguf)
-        config = quantized.config
-        config.quantization_config = None
-        del config.quantization_config
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(quantized.state_dict(), assign=True)
-        plain.tie_weights()
-        plain.generation_config = quantized.generation_config
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        # saving imports DeepSpeed, whose logger binds to the stdout of its first import and
+        # warns there: a command's stdout (`cdsl eval-reward`'s JSON) is its answer only
+        with redirect_stdout(sys.stderr):
+            quantized, tokenizer = load_gguf(gguf)
+            config = quantized.config
+            config.quantization_config = None
+            del config.quantization_config
+            with torch.device("meta"):
+                plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(quantized.state_dict(), assign=True)
+            plain.tie_weights()
+            plain.generation_config = quantized.generation_config
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
     stat = gguf.stat()
     return _write_atomically(out, f"{gguf.resolve()} {stat.st_size}", write)

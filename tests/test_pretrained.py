@@ -41,6 +41,24 @@ def test_a_conversion_runs_once_per_source(tmp_path):
     assert (tmp_path / "m" / "weights").read_text() == "2" and len(calls) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.real_pair
+def test_converting_the_default_target_writes_nothing_on_stdout(tmp_path):
+    """A fresh machine converts the default target on first use, inside whatever command asked
+    for it; the DeepSpeed import that saving triggers warns on stdout, where `cdsl eval-reward`
+    prints its JSON. Run in a process of its own: the warning comes with the first import only."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from cdsl.pretrained import convert_gguf, smollm2_gguf; "
+            "convert_gguf(smollm2_gguf(), Path(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "target")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "target" / "config.json").exists()
+    assert done.stdout == ""
+
+
 def test_missing_or_unreadable_gguf_names_the_field(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "CACHE", tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match=r"^draft\.path: GGUF file not found"):
